@@ -1,0 +1,69 @@
+"""The clip record that every dataset reader produces and every loader consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The ten scene classes of TAU Urban Acoustic Scenes 2020 Mobile, in the challenge's order.
+TAU_SCENES: tuple[str, ...] = (
+    "airport",
+    "bus",
+    "metro",
+    "metro_station",
+    "park",
+    "public_square",
+    "shopping_mall",
+    "street_pedestrian",
+    "street_traffic",
+    "tram",
+)
+
+#: Device groups used in DCASE reports: real devices, simulated devices seen in training, and
+#: simulated devices that appear only in the evaluation split.
+DEVICE_GROUPS: dict[str, tuple[str, ...]] = {
+    "real": ("a", "b", "c"),
+    "seen": ("s1", "s2", "s3"),
+    "unseen": ("s4", "s5", "s6"),
+}
+
+UNKNOWN_DEVICE = "unknown"
+
+
+def device_group(device: str) -> str | None:
+    """The DCASE group ('real', 'seen', 'unseen') of a device name, or None if it has none."""
+    for group, devices in DEVICE_GROUPS.items():
+        if device in devices:
+            return group
+    return None
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One labelled recording.
+
+    ``segment`` identifies the recorded scene segment independently of the device, so that the
+    same segment captured by several devices can be paired (device translation needs the pairs).
+    """
+
+    path: Path
+    label: str | None
+    device: str = UNKNOWN_DEVICE
+    city: str | None = None
+    segment: str | None = None
+
+
+@dataclass
+class ClipSet:
+    """Named splits of clips plus the label vocabulary shared by all splits."""
+
+    splits: dict[str, list[Clip]]
+    labels: list[str]
+    root: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, split: str) -> list[Clip]:
+        return self.splits[split]
+
+    def label_index(self, label: str) -> int:
+        return self.labels.index(label)
