@@ -1,0 +1,36 @@
+"""Models for log-mel inputs shaped (batch, 1, frequency, time), returning logits (batch, classes)."""
+
+from asc.models.baseline import DCASE2021Baseline, keras_param_count
+from asc.models.bcresnet import BCResBlock, BCResNet, BCResNetMod
+from asc.models.norms import (
+    FreqNorm,
+    InstanceFreqNorm,
+    NormFactory,
+    RelaxedFreqNorm,
+    ResNorm,
+    SubSpectralNorm,
+    freq_norm,
+    norm_factory,
+    norm_names,
+)
+from asc.models.registry import build_model, model_names, model_options
+
+__all__ = [
+    "BCResBlock",
+    "BCResNet",
+    "BCResNetMod",
+    "DCASE2021Baseline",
+    "FreqNorm",
+    "InstanceFreqNorm",
+    "NormFactory",
+    "RelaxedFreqNorm",
+    "ResNorm",
+    "SubSpectralNorm",
+    "build_model",
+    "freq_norm",
+    "keras_param_count",
+    "model_names",
+    "model_options",
+    "norm_factory",
+    "norm_names",
+]

@@ -1,0 +1,48 @@
+"""Models by name, so configs and the CLI can choose one without importing classes."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from asc.errors import ConfigError
+from asc.models.baseline import DCASE2021Baseline
+from asc.models.bcresnet import BCResNet, BCResNetMod
+
+_MODELS: dict[str, type[nn.Module]] = {
+    "bcresnet": BCResNet,
+    "bcresnet_mod": BCResNetMod,
+    "dcase2021_baseline": DCASE2021Baseline,
+}
+
+
+def model_names() -> tuple[str, ...]:
+    """Names accepted by :func:`build_model`."""
+    return tuple(_MODELS)
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """Keyword options of a model (besides ``num_classes``), for help texts and validation."""
+    cls = _model_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    return tuple(p for p in params if p not in ("self", "num_classes"))
+
+
+def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build a model by name; a misspelt option is an error, not silently ignored."""
+    cls = _model_class(name)
+    valid = model_options(name)
+    for key in kwargs:
+        if key not in valid:
+            raise ConfigError(f"model {name!r} has no option {key!r}; valid: {', '.join(valid)}")
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be at least 1, got {num_classes}")
+    return cls(num_classes=num_classes, **kwargs)
+
+
+def _model_class(name: str) -> type[nn.Module]:
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; valid: {', '.join(_MODELS)}")
+    return _MODELS[name]
