@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from asc.data.tau import Problem, check_tau, describe, device_vocabulary, read_tau
+from asc.data.clips import device_vocabulary
+from asc.data.tau import Problem, check_tau, describe, read_tau
 from asc.errors import DatasetError
 
 DEV = {

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 from asc.data.cache import FeatureCache, WaveformCache
 from asc.data.clips import DEVICE_GROUPS, TAU_SCENES, UNKNOWN_DEVICE, Clip, ClipSet, device_group
 from asc.data.table import label_vocabulary, read_folder, read_table
-from asc.data.tau import Problem, check_tau, describe, device_vocabulary, read_tau
+from asc.data.clips import device_vocabulary
+from asc.data.tau import Problem, check_tau, describe, read_tau
 
 if TYPE_CHECKING:
     from asc.data.loader import ClipDataset, DeviceBalancedSampler, make_loader

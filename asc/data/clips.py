@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,13 @@ DEVICE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 UNKNOWN_DEVICE = "unknown"
+
+
+def device_vocabulary(devices: Iterable[str]) -> list[str]:
+    """Distinct devices: DCASE devices in report order (a, b, c, s1-s6), then the rest sorted."""
+    distinct = set(devices)
+    known = [device for group in DEVICE_GROUPS.values() for device in group]
+    return [d for d in known if d in distinct] + sorted(distinct - set(known))
 
 
 def device_group(device: str) -> str | None:

@@ -9,7 +9,6 @@ check reports what is wrong and how to fix it instead of failing on the first mi
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -17,7 +16,7 @@ from typing import Literal
 from tqdm import tqdm
 
 from asc.audio import load_audio, probe_audio
-from asc.data.clips import DEVICE_GROUPS, UNKNOWN_DEVICE, Clip, ClipSet
+from asc.data.clips import UNKNOWN_DEVICE, Clip, ClipSet, device_vocabulary
 from asc.data.table import label_vocabulary, read_rows, separator_name
 from asc.errors import AudioError, DatasetError
 
@@ -147,13 +146,6 @@ def check_tau(
         message = f"mixed sample rates: {counts}"
         problems.append(_warning(root / "audio", message, "they are resampled when loaded"))
     return problems
-
-
-def device_vocabulary(devices: Iterable[str]) -> list[str]:
-    """Distinct devices: DCASE devices in report order (a, b, c, s1-s6), then the rest sorted."""
-    distinct = set(devices)
-    known = [device for group in DEVICE_GROUPS.values() for device in group]
-    return [d for d in known if d in distinct] + sorted(distinct - set(known))
 
 
 def describe(clipset: ClipSet) -> str:

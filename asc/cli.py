@@ -1,0 +1,192 @@
+"""The ``asc`` command line: parse arguments, call the library, print results.
+
+Every user error surfaces as an :class:`~asc.errors.AscError` and is printed as one line on stderr
+with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from asc import __version__
+from asc.errors import AscError
+
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from asc.config import parse_overrides
+    from asc.data.synthetic import SynthConfig, synthesize
+
+    overrides = parse_overrides(args.overrides)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.ir_dir is not None:
+        overrides["ir_dir"] = str(args.ir_dir)
+    config = SynthConfig.preset(args.preset, **overrides)
+    summary = synthesize(args.out, config, progress=not args.quiet)
+    print(summary)
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from asc.data.tau import check_tau, describe, read_tau
+
+    problems = check_tau(args.root, decode=args.decode, progress=not args.quiet)
+    errors = [p for p in problems if p.severity == "error"]
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if errors:
+        print(f"{args.root}: {len(errors)} error(s); the dataset cannot be used until they are fixed",
+              file=sys.stderr)
+        return EXIT_USAGE
+    print(describe(read_tau(args.root)))
+    print(f"{args.root}: OK" + (f" ({len(problems)} warning(s))" if problems else ""))
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="create and validate datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,check}")
+
+    synth = data_sub.add_parser(
+        "synth", help="write a synthetic multi-device corpus in the TAU 2020 Mobile layout",
+        description="Write a synthetic multi-device acoustic-scene corpus (TAU 2020 Mobile layout) "
+        "into OUT. Re-running with the same settings reuses the existing corpus.")
+    synth.add_argument("out", type=Path, help="output folder (created; must be empty or a previous corpus)")
+    synth.add_argument("--preset", default="quick", help="size preset: quick or standard (default: quick)")
+    synth.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+    synth.add_argument("--ir-dir", type=Path, default=None,
+                       help="folder of microphone impulse responses used for some devices")
+    synth.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="any SynthConfig field, e.g. clip_seconds=4 train_segments=200")
+    _add_common(synth)
+    synth.set_defaults(handler=_data_synth)
+
+    check = data_sub.add_parser(
+        "check", help="validate a TAU-layout dataset folder",
+        description="Validate a TAU Urban Acoustic Scenes folder (meta.csv, evaluation_setup, audio) "
+        "and print a per-split summary by device and class.")
+    check.add_argument("root", type=Path, help="dataset folder (holds meta.csv and audio/)")
+    check.add_argument("--decode", action="store_true", help="also decode every audio file")
+    _add_common(check)
+    check.set_defaults(handler=_data_check)
+
+
+# ---------------------------------------------------------------------------------- train, evaluate
+
+
+def _train(args: argparse.Namespace) -> int:
+    from asc.config import RunConfig, load_config
+    from asc.errors import ConfigError
+    from asc.train.loop import Trainer
+
+    if args.resume is not None:
+        if args.config or args.overrides or args.out:
+            raise ConfigError("--resume RUN continues a run with its own config.yaml; "
+                              "drop --config, --out and key=value overrides")
+        run_dir = args.resume
+        config = load_config(RunConfig, run_dir / "config.yaml")
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise ConfigError(f"{run_dir}: no checkpoints/last.pt to resume from; start it again with --out")
+    else:
+        config = load_config(RunConfig, args.config, args.overrides)
+        run_dir = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} "
+                              "or choose another --out")
+    metrics = Trainer(config, run_dir, progress=not args.quiet).fit(resume=args.resume is not None)
+    if metrics is not None:
+        print(f"{run_dir}: accuracy {100 * metrics.accuracy:.1f} %, macro accuracy "
+              f"{100 * metrics.macro_accuracy:.1f} %, log loss {metrics.log_loss:.3f} "
+              f"(report: {run_dir / 'report.md'})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from asc.report import write_report
+    from asc.train.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run, data_root=args.data, split=args.split, checkpoint=args.checkpoint,
+                           progress=not args.quiet)
+    out = args.out or args.run / f"eval-{args.split or 'default'}-{args.checkpoint}"
+    write_report(out, metrics, extra={"run": str(args.run), "data": str(args.data or "run's own data"),
+                                      "split": args.split or "default", "checkpoint": args.checkpoint},
+                 title=f"Evaluation of {args.run.name}")
+    print(f"{args.run}: {metrics.n} clips, accuracy {100 * metrics.accuracy:.1f} %, macro accuracy "
+          f"{100 * metrics.macro_accuracy:.1f} %, log loss {metrics.log_loss:.3f}")
+    for group, score in metrics.per_group.items():
+        print(f"  {group:>7}: accuracy {100 * score.accuracy:.1f} % ({score.n} clips)")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser(
+        "train", help="train a model and write a run folder",
+        description="Train a model. Settings come from defaults, then --config FILE, then key=value "
+        "overrides (e.g. model.args.width=80 optim.lr=0.05). The run folder gets config.yaml, "
+        "checkpoints/{last,best}.pt, metrics.jsonl, report.json, report.md and plots. "
+        "Under torchrun (torchrun --nproc_per_node 2 -m asc train ...) it trains with DDP.")
+    train.add_argument("--config", type=Path, default=None, help="YAML config file")
+    train.add_argument("--out", type=Path, default=None, help="run folder (default: runs/train-DATE-TIME)")
+    train.add_argument("--resume", type=Path, default=None, metavar="RUN",
+                       help="continue a stopped run from its last checkpoint")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _add_common(train)
+    train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate a run on a dataset split",
+        description="Accuracy, macro accuracy and log loss of a trained run, per device, device group "
+        "and class, with plots, on the run's own evaluation split or on another TAU-layout dataset.")
+    evaluate.add_argument("run", type=Path, help="run folder written by asc train")
+    evaluate.add_argument("--data", type=Path, default=None, help="dataset root (default: the run's data)")
+    evaluate.add_argument("--split", default=None, help="split name (default: the run's data.eval_split)")
+    evaluate.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    evaluate.add_argument("--out", type=Path, default=None, help="report folder (default: inside RUN)")
+    _add_common(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asc", description="On-device acoustic scene classification toolkit.")
+    parser.add_argument("--version", action="version", version=f"asc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data(sub)
+    _add_train(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except AscError as error:
+        print(f"asc: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("asc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

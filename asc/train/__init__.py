@@ -1,0 +1,1 @@
+"""Training: one loop with hook points, metrics, checkpoints and torchrun DDP."""
