@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 from pathlib import Path
 
 from asc import __version__
@@ -18,6 +19,13 @@ from asc.errors import AscError
 EXIT_USAGE = 2
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, like every other asc error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +68,8 @@ def _data_check(args: argparse.Namespace) -> int:
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="create and validate datasets")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,check}")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,check}",
+                                   parser_class=_Parser)
 
     synth = data_sub.add_parser(
         "synth", help="write a synthetic multi-device corpus in the TAU 2020 Mobile layout",
@@ -166,10 +175,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="asc", description="On-device acoustic scene classification toolkit.")
+    parser = _Parser(prog="asc", description="On-device acoustic scene classification toolkit.")
     parser.add_argument("--version", action="version", version=f"asc {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_data(sub)
     _add_train(sub)
     return parser
@@ -177,7 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options (argparse only takes them before the first option)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    if extra != overrides or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     try:
         return args.handler(args)
     except AscError as error:

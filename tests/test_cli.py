@@ -1,0 +1,64 @@
+"""The command-line contract: help everywhere, exit 2 with one line naming the file for bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asc.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "asc", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", [[], ["data"], ["data", "synth"], ["data", "check"], ["train"], ["evaluate"]])
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    assert "usage: asc" in capsys.readouterr().out
+
+
+def test_synth_then_check_succeeds(tmp_path: Path):
+    out = tmp_path / "corpus"
+    synth = run("data", "synth", str(out), "--preset", "tiny", "--quiet")
+    assert synth.returncode == 0, synth.stderr
+    check = run("data", "check", str(out), "--quiet")
+    assert check.returncode == 0, check.stderr
+    assert f"{out}: OK" in check.stdout
+    assert "s4" in check.stdout and "street_traffic" in check.stdout
+
+
+def test_synth_refuses_a_foreign_folder(tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = run("data", "synth", str(tmp_path), "--preset", "tiny", "--quiet")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and str(tmp_path) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_names_a_missing_meta_file(tmp_path: Path, tau_fixtures: Path):
+    root = tmp_path / "dev"
+    shutil.copytree(tau_fixtures / "tau2020uas_mobile" / "TAU-urban-acoustic-scenes-2020-mobile-development", root)
+    (root / "meta.csv").unlink()
+    result = run("data", "check", str(root), "--quiet")
+    assert result.returncode == 2
+    assert "meta.csv" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_of_a_missing_folder_is_one_line(tmp_path: Path):
+    result = run("data", "check", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert str(tmp_path / "nowhere") in lines[0] and "Traceback" not in result.stderr
+
+
+def test_unknown_synth_option_is_one_line(tmp_path: Path):
+    result = run("data", "synth", str(tmp_path / "x"), "--preset", "tiny", "clip_secs=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "clip_secs" in result.stderr
