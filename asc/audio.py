@@ -10,7 +10,6 @@ from __future__ import annotations
 import numbers
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from asc.errors import AudioError, ConfigError
+from asc.io import atomic_path
 
 PathLike = str | os.PathLike[str]
 
@@ -127,13 +127,8 @@ def write_audio(
     target.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(audio)
     frames = data.T if data.ndim == 2 else data  # soundfile wants (samples, channels)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(target) as tmp:
         sf.write(tmp, frames, sample_rate, subtype=subtype, format=container)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _open(path: PathLike) -> sf.SoundFile:

@@ -33,6 +33,7 @@ from asc.audio import load_audio
 from asc.augment.spec import sample_beta
 from asc.data.clips import Clip
 from asc.errors import AscError, AudioError, ConfigError
+from asc.io import atomic_torch_save
 
 IR_EXTENSIONS = (".wav", ".flac", ".ogg", ".aif", ".aiff")
 
@@ -160,7 +161,7 @@ class DeviceResponse:
         return cls(list(state["devices"]), state["delta"], state["sd"])
 
     def save(self, path: str | PathLike[str]) -> None:
-        torch.save(self.state_dict(), path)
+        atomic_torch_save(self.state_dict(), Path(path))
 
     @classmethod
     def load(cls, path: str | PathLike[str]) -> DeviceResponse:
@@ -240,7 +241,7 @@ class DeviceTranslator(nn.Module):
                    freq_coords=config["freq_coords"], n_mels=config["n_mels"])
 
     def save(self, path: str | PathLike[str]) -> None:
-        torch.save({"config": self.config(), "state_dict": self.state_dict()}, path)
+        atomic_torch_save({"config": self.config(), "state_dict": self.state_dict()}, Path(path))
 
     @classmethod
     def load(cls, path: str | PathLike[str]) -> DeviceTranslator:

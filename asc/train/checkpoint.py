@@ -12,12 +12,11 @@ from typing import Any
 import torch
 
 from asc.errors import AscError
-from asc.io import atomic_path
+from asc.io import atomic_torch_save
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    with atomic_path(Path(path)) as tmp:
-        torch.save(state, tmp)
+    atomic_torch_save(state, Path(path))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
