@@ -171,6 +171,45 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=_evaluate)
 
 
+# ----------------------------------------------------------------------------------------- complexity
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated shape such as 1,1,256,431") from None
+
+
+def _complexity(args: argparse.Namespace) -> int:
+    from asc.complexity import run_complexity_command
+
+    return run_complexity_command(args.target, args.rules, args.per_layer, checkpoint=args.checkpoint,
+                                  weight_bytes=args.weight_bytes, input_shape=args.input_shape,
+                                  one_second_shape=args.one_second_shape)
+
+
+def _add_complexity(sub: argparse._SubParsersAction) -> None:
+    from asc.complexity import rule_names
+
+    parser = sub.add_parser(
+        "complexity", help="parameters, non-zero bytes and MACs against the DCASE rules",
+        description="Count parameters (after BatchNorm folding), non-zero parameters, bytes at the stored "
+        "width and multiply-accumulates of a run folder or an ONNX model, and check them against the "
+        "DCASE Task 1 complexity rules of 2021-2025.")
+    parser.add_argument("target", type=Path, help="run folder, .onnx file, or a folder holding model.onnx")
+    parser.add_argument("--rules", nargs="+", choices=rule_names(), default=list(rule_names()),
+                        help="rule sets to check (default: all)")
+    parser.add_argument("--per-layer", action="store_true", help="print the per-layer table")
+    parser.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    parser.add_argument("--weight-bytes", type=int, choices=(1, 2, 4), default=None,
+                        help="count every weight at this width (e.g. 1 for an int8 deployment)")
+    parser.add_argument("--input-shape", type=_shape, default=None, help="model input for ONNX files")
+    parser.add_argument("--one-second-shape", type=_shape, default=None,
+                        help="model input for 1 s of audio (MAC rules of 2022 on)")
+    parser.set_defaults(handler=_complexity)
+
+
 # ----------------------------------------------------------------------------------------- main
 
 
@@ -180,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_data(sub)
     _add_train(sub)
+    _add_complexity(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "asc", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["data"], ["data", "synth"], ["data", "check"], ["train"], ["evaluate"]])
+@pytest.mark.parametrize("command", [[], ["data"], ["data", "synth"], ["data", "check"], ["train"], ["evaluate"], ["complexity"]])
 def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
