@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder of the variants' run folders")
     parser.add_argument("--quick", action="store_true", help="start from quick.yaml instead of conf.yaml alone")
     parser.add_argument("--ir-dir", default=None, help="impulse responses for the DIR variant (skipped without)")
-    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
-                        help="train only these variants (default: all of the study)")
+    parser.add_argument("--variants", type=lambda text: text.split(","), default=None, metavar="A,B,...",
+                        help="train only these comma-separated variants (default: all of the study)")
     parser.add_argument("-q", "--quiet", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every variant")
     args = parser.parse_args(argv)
