@@ -25,6 +25,26 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_overrides(tmp_path_factory: pytest.TempPathFactory):
+    """``key=value`` settings of a run that trains in seconds on the tiny synthetic corpus.
+
+    1-s 16 kHz clips, 32 mels and an 8-wide BC-ResNet-Mod; the corpus and its caches are shared
+    by every test of the session.
+    """
+    shared = tmp_path_factory.mktemp("tiny-corpus")
+
+    def overrides(epochs: int = 2) -> list[str]:
+        return [
+            "data.synth_preset=tiny", f"data.synth_dir={shared / 'corpus'}", f"data.cache_dir={shared / 'cache'}",
+            "features.sample_rate=16000", "features.n_fft=512", "features.hop_length=256", "features.n_mels=32",
+            "model.args.width=8", f"train.epochs={epochs}", "train.batch_size=8", "optim.lr=0.05",
+            "optim.warmup_epochs=0.5",
+        ]
+
+    return overrides
+
+
+@pytest.fixture(scope="session")
 def tau_fixtures(shared_data: Path) -> Path:
     return shared_data / "tau_fixtures"
 

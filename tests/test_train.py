@@ -26,16 +26,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("train")
 
 
-def tiny_overrides(workspace: Path, epochs: int = 2) -> list[str]:
-    """A run that trains in seconds: 1-s 16 kHz clips, 32 mels, an 8-wide BC-ResNet-Mod."""
-    return [
-        "data.synth_preset=tiny", f"data.synth_dir={workspace / 'corpus'}", f"data.cache_dir={workspace / 'cache'}",
-        "features.sample_rate=16000", "features.n_fft=512", "features.hop_length=256", "features.n_mels=32",
-        "model.args.width=8", f"train.epochs={epochs}", "train.batch_size=8", "optim.lr=0.05",
-        "optim.warmup_epochs=0.5",
-    ]
-
-
 def test_warmup_cosine_schedule():
     factor = warmup_cosine(total_steps=100, warmup_steps=10)
     assert factor(0) == pytest.approx(0.1)
@@ -45,9 +35,9 @@ def test_warmup_cosine_schedule():
     assert factor(100) == pytest.approx(0.0)
 
 
-def test_train_writes_a_complete_run_folder(workspace: Path):
+def test_train_writes_a_complete_run_folder(workspace: Path, tiny_overrides):
     run = workspace / "run"
-    assert main(["train", "--quiet", "--out", str(run), *tiny_overrides(workspace)]) == 0
+    assert main(["train", "--quiet", "--out", str(run), *tiny_overrides()]) == 0
     for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md", "confusion.png", "per_device.png",
                  "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run / name).is_file(), name
@@ -66,9 +56,9 @@ def test_train_writes_a_complete_run_folder(workspace: Path):
     assert again.log_loss == pytest.approx(metrics["log_loss"], rel=1e-5)
 
 
-def test_existing_run_is_not_overwritten(workspace: Path, capsys: pytest.CaptureFixture[str]):
+def test_existing_run_is_not_overwritten(workspace: Path, tiny_overrides, capsys: pytest.CaptureFixture[str]):
     run = workspace / "run"
-    assert main(["train", "--quiet", "--out", str(run), *tiny_overrides(workspace)]) == 2
+    assert main(["train", "--quiet", "--out", str(run), *tiny_overrides()]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--resume" in err and str(run) in err
 
@@ -124,10 +114,10 @@ class RecordingHook(TrainHook):
         return model
 
 
-def test_hooks_are_called_and_their_losses_train(workspace: Path):
+def test_hooks_are_called_and_their_losses_train(workspace: Path, tiny_overrides):
     norms = {}
     for penalty in (0.0, 0.05):
-        config = load_config(RunConfig, None, tiny_overrides(workspace))
+        config = load_config(RunConfig, None, tiny_overrides())
         hook = RecordingHook(penalty)
         trainer = Trainer(config, workspace / f"hooked-{penalty}", hooks=[hook], progress=False)
         trainer.fit()
@@ -146,8 +136,8 @@ def _cli(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted_run(workspace: Path):
-    overrides = tiny_overrides(workspace, epochs=5)
+def test_resume_after_kill_matches_uninterrupted_run(workspace: Path, tiny_overrides):
+    overrides = tiny_overrides(epochs=5)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # warm the corpus and caches so that the killed process spends its time training
     subprocess.run(_cli("train", "--quiet", "--out", str(workspace / "straight"), *overrides), env=env,
@@ -179,11 +169,11 @@ def test_resume_after_kill_matches_uninterrupted_run(workspace: Path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_ranks_finish_with_identical_weights(workspace: Path):
+def test_two_process_ddp_ranks_finish_with_identical_weights(workspace: Path, tiny_overrides):
     run = workspace / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "asc", "train", "--quiet", "--out", str(run), *tiny_overrides(workspace, epochs=2),
+               "-m", "asc", "train", "--quiet", "--out", str(run), *tiny_overrides(epochs=2),
                "train.device=cpu"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,14 @@
 """The compression stage: pruning, quantization and distillation methods as training-loop plugins."""
 
+from asc.compress.kd import (
+    Distillation,
+    ModelTeacher,
+    OnlinePeers,
+    PrecomputedTeacher,
+    SelfTeacher,
+    kd_loss,
+    precompute_teacher_logits,
+)
 from asc.compress.prune import (
     LayerSelection,
     MagnitudePruning,
@@ -15,6 +24,13 @@ from asc.compress.prune import (
 )
 
 __all__ = [
+    "Distillation",
+    "ModelTeacher",
+    "OnlinePeers",
+    "PrecomputedTeacher",
+    "SelfTeacher",
+    "kd_loss",
+    "precompute_teacher_logits",
     "LayerSelection",
     "MagnitudePruning",
     "PruningSchedule",

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from asc.augment import build_augmentations, build_mixup, mixup_loss
+from asc.augment import MixedBatch, build_augmentations, build_mixup, mixup_loss
 from asc.config import RunConfig, save_yaml, to_dict
 from asc.data.loader import ClipDataset, DeviceBalancedSampler, make_loader
 from asc.errors import AscError
@@ -53,6 +53,16 @@ class RunData:
     train: ClipDataset
     eval: ClipDataset
     features_cached: bool
+
+
+@dataclass
+class BatchInfo:
+    """What hooks may need about the current training batch beyond its inputs."""
+
+    indices: Tensor  #: positions of the clips in the training dataset (for precomputed teacher logits)
+    labels: Tensor
+    devices: Tensor  #: device ids after augmentation (translated clips count as their target)
+    mix: MixedBatch | None  #: the mixup pairing, so soft targets can be mixed like the inputs
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -192,7 +202,7 @@ class Trainer:
 
     def _train_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> float:
         device = self.ctx.device
-        x, labels, devices, _ = (t.to(device, non_blocking=True) for t in batch)
+        x, labels, devices, indices = (t.to(device, non_blocking=True) for t in batch)
         if not self.data.features_cached:
             x = self.wave_augment(x, devices)
         with torch.no_grad():
@@ -201,6 +211,7 @@ class Trainer:
         mix = self.mixup(x, self.aug_generator) if self.mixup else None
         if mix is not None:
             x = mix.x
+        self.batch = BatchInfo(indices, labels, devices, mix)
         with self._autocast():
             outputs = next((out for hook in self.hooks
                             if (out := hook.forward(self, self.train_model, x)) is not None), None)
