@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,25 @@ def test_recipe_rejects_unknown_overrides(tmp_path: Path, capsys: pytest.Capture
     recipe = load_recipe()
     assert recipe.main(["--out", str(tmp_path), "model.widht=3"]) == 2
     assert "unknown config key 'model.widht'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_tabulates_variants_and_reuses_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    spec = importlib.util.spec_from_file_location("dcase2021_compare", RECIPE.with_name("compare.py"))
+    sys.path.insert(0, str(RECIPE.parent))
+    try:
+        compare = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(compare)
+    finally:
+        sys.path.remove(str(RECIPE.parent))
+    args = ["--study", "norms", "--variants", "BN,RFN", "--quick", "--quiet", "--out", str(tmp_path / "study"),
+            f"data.cache_dir={tmp_path / 'cache'}", *TINY]
+    assert compare.main(args) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| BN") or line.startswith("| RFN")]
+    assert len(rows) == 2
+    summary = (tmp_path / "study" / "summary.md").read_text()
+    assert "unseen (s4–s6)" in summary and "| RFN |" in summary
+    stamp = (tmp_path / "study" / "BN" / "report.json").stat().st_mtime_ns
+    assert compare.main(args) == 0
+    assert (tmp_path / "study" / "BN" / "report.json").stat().st_mtime_ns == stamp
+    assert compare.main([*args[:2], "--variants", "GN", *args[4:]]) == 2

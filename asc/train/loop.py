@@ -386,3 +386,24 @@ class Trainer:
         distributed.barrier(self.ctx)
         distributed.teardown(self.ctx)
         return metrics
+
+
+def train_or_resume(config: RunConfig, run_dir: Path, *, hooks: Sequence[TrainHook] = (),
+                    progress: bool = True) -> str:
+    """Train into ``run_dir`` idempotently: skip a finished run, resume a stopped one, else start.
+
+    Returns "finished", "resumed" or "trained". A stopped run with other settings is an error,
+    so a recipe never silently mixes two configurations in one folder.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "report.json").is_file():
+        return "finished"
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    if resume:
+        from asc.config import load_config
+
+        if to_dict(load_config(RunConfig, run_dir / "config.yaml")) != to_dict(config):
+            raise AscError(f"{run_dir}: holds a stopped run with other settings; delete it or resume it with "
+                           "the same settings")
+    Trainer(config, run_dir, hooks=hooks, progress=progress).fit(resume=resume)
+    return "resumed" if resume else "trained"

@@ -18,13 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-from asc.config import RunConfig, load_config, merge, parse_overrides, read_yaml, to_dict
+from run import load_recipe_config
+
 from asc.errors import AscError, ConfigError
 from asc.io import atomic_write_text
-from asc.train.loop import Trainer
+from asc.train.loop import train_or_resume
 from asc.train.metrics import Metrics, Score
 
-HERE = Path(__file__).resolve().parent
 TRAIN_DEVICES = ("a", "b", "c", "s1", "s2", "s3")
 UNSEEN_DEVICES = ("s4", "s5", "s6")
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", choices=("norms", "augment"), required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder of the variants' run folders")
     parser.add_argument("--quick", action="store_true", help="start from quick.yaml instead of conf.yaml alone")
+    parser.add_argument("--data", type=Path, default=None, help="TAU folder (default: the synthetic corpus)")
     parser.add_argument("--ir-dir", default=None, help="impulse responses for the DIR variant (skipped without)")
     parser.add_argument("--variants", type=lambda text: text.split(","), default=None, metavar="A,B,...",
                         help="train only these comma-separated variants (default: all of the study)")
@@ -84,10 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every variant")
     args = parser.parse_args(argv)
     try:
-        base = read_yaml(HERE / "conf.yaml")
-        if args.quick:
-            base = merge(base, read_yaml(HERE / "quick.yaml"))
-        base = merge(base, parse_overrides(args.overrides))
         variants = studies(args.ir_dir)[args.study]
         unknown = sorted(set(args.variants or ()) - set(variants))
         if unknown:
@@ -97,14 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in variants.items():
             if args.variants and name not in args.variants:
                 continue
-            config = load_config(RunConfig, base=merge(base, parse_overrides(overrides)))
+            config = load_recipe_config(args.quick, args.data, args.out, [*args.overrides, *overrides])
             run = args.out / name.replace(" ", "_")
-            if not (run / "report.json").is_file():
-                resume = (run / "checkpoints" / "last.pt").is_file()
-                if resume and to_dict(load_config(RunConfig, run / "config.yaml")) != to_dict(config):
-                    raise ConfigError(f"{run}: holds a run with other settings; delete it to rerun the study")
-                print(f"=== {args.study}: {name}", flush=True)
-                Trainer(config, run, progress=not args.quiet).fit(resume=resume)
+            print(f"=== {args.study}: {name}", flush=True)
+            train_or_resume(config, run, progress=not args.quiet)
             rows[name] = load_metrics(run)
         text = table(rows, f"Study '{args.study}': {' '.join(args.overrides) or 'recipe defaults'}")
         atomic_write_text(args.out / "summary.md", text)

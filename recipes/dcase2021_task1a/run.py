@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from asc.config import RunConfig, load_config, merge, parse_overrides, read_yaml, to_dict
+from asc.config import RunConfig, load_config, merge, parse_overrides, read_yaml
 from asc.errors import AscError
 
 HERE = Path(__file__).resolve().parent
@@ -49,20 +49,11 @@ def stage_data(config: RunConfig, out: Path, progress: bool) -> None:
 
 
 def stage_train(config: RunConfig, out: Path, progress: bool) -> None:
-    from asc.train.loop import Trainer
+    from asc.train.loop import train_or_resume
 
     run = out / "train"
-    if (run / "report.json").is_file():
+    if train_or_resume(config, run, progress=progress) == "finished":
         print(f"train: {run} is finished (delete it to train again)")
-        return
-    resume = (run / "checkpoints" / "last.pt").is_file()
-    if resume:
-        saved = load_config(RunConfig, run / "config.yaml")
-        if to_dict(saved) != to_dict(config):
-            raise AscError(f"{run}: holds a stopped run with other settings; delete it or use the same "
-                           "settings to resume")
-        print(f"train: resuming {run}")
-    Trainer(config, run, progress=progress).fit(resume=resume)
 
 
 def stage_evaluate(config: RunConfig, out: Path, progress: bool) -> None:
