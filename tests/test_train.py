@@ -121,6 +121,7 @@ def test_hooks_are_called_and_their_losses_train(workspace: Path, tiny_overrides
         hook = RecordingHook(penalty)
         trainer = Trainer(config, workspace / f"hooked-{penalty}", hooks=[hook], progress=False)
         trainer.fit()
+        assert trainer.finalized_model() is trainer.model
         steps = trainer.step
         assert steps == 2 * trainer.steps_per_epoch
         assert hook.calls["setup"] == hook.calls["wrap_model"] == hook.calls["finalize"] == 1

@@ -339,6 +339,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
 
+    def finalized_model(self) -> nn.Module:
+        """The deployable module: every hook's finalize (apply masks, convert fake-quant, …) in turn."""
+        finalized = self.model
+        for hook in self.hooks:
+            finalized = hook.finalize(finalized)
+        return finalized
+
     def fit(self, resume: bool = False) -> Metrics:
         """Train to ``train.epochs`` (continuing from ``checkpoints/last.pt`` when resuming)."""
         if self.ctx.is_main:
@@ -376,13 +383,10 @@ class Trainer:
         if self.ctx.is_main:
             if metrics is None:  # resumed a finished run: report the stored model
                 metrics = self.evaluate(self.data.eval)
-            finalized = self.model
-            for hook in self.hooks:
-                finalized = hook.finalize(finalized)
             write_report(self.run_dir, metrics, history=self.history, config=self.config,
                          extra={"split": self.config.data.eval_split, "checkpoint": "last",
                                 "world_size": self.ctx.world_size, "parameter_digests": digests,
-                                "parameters": sum(p.numel() for p in finalized.parameters())})
+                                "parameters": sum(p.numel() for p in self.model.parameters())})
         distributed.barrier(self.ctx)
         distributed.teardown(self.ctx)
         return metrics

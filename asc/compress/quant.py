@@ -1,0 +1,461 @@
+"""Int8 quantization-aware training (torchao PT2E) that exports to ONNX QDQ with the trained scales.
+
+The flow (docs/quantization.md has the measurements):
+
+1. :func:`prepare_qat` exports the float model with ``torch.export`` (dynamic batch) and lets
+   ``prepare_qat_pt2e`` insert fake-quant where :class:`OrtInt8Quantizer` asks for it. Conv+BN
+   pairs become torchao's QAT conv-BN pattern, so training sees the BN-folded int8 weights.
+2. Training runs through :class:`QATModel`, which makes ``train()``/``eval()`` switch what an
+   exported graph cannot switch by itself: dropout, BN statistics and the range observers.
+3. :func:`convert_qat` runs ``convert_pt2e``: BN folded into the convs, int8 weights stored,
+   Q/DQ ops where the fake-quant was. That graph module is the deployable artefact, and
+   :func:`export_qat_onnx` turns it into a QDQ ONNX file that onnxruntime fuses into
+   ``QLinearConv``/``QLinearAdd``.
+
+Why our own quantizer instead of torchao's XNNPACK one: that one lives in ``torchao.testing``, is
+marked deprecated, quantizes int8 activations (ORT x86 wants uint8, reference/compression.md
+§3.1) and matches excluded modules by exact type, so ``FreqNorm`` subclasses would slip through
+and get quantized inside. Fake-quant is the plain ``FakeQuantize``, not the fused op: the fused
+op computes per-channel symmetric scales for a [-127, 127] range differently from the observer
+that ``convert_pt2e`` asks, so training and the exported int8 weights would disagree by one step.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e import (
+    FakeQuantize,
+    FakeQuantizeBase,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    allow_exported_model_train_eval,
+)
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer import (
+    QuantizationAnnotation,
+    QuantizationSpec,
+    Quantizer,
+)
+
+from asc.errors import AscError, ConfigError
+from asc.models.norms import FreqNorm
+from asc.train.hooks import TrainHook
+
+if TYPE_CHECKING:
+    from asc.train.loop import Trainer
+
+_aten = torch.ops.aten
+_CONVS = (_aten.conv2d.default, _aten.conv2d.padding)
+_BATCH_NORMS = (_aten.batch_norm.default, _aten._native_batch_norm_legit.default, _aten.cudnn_batch_norm.default)
+_RELUS = (_aten.relu.default, _aten.relu_.default)
+_DROPOUTS = (_aten.dropout.default, _aten.feature_dropout.default, _aten.alpha_dropout.default,
+             _aten.feature_alpha_dropout.default)
+_BN_TRAINING_ARG = 5  # (input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
+_DROPOUT_TRAIN_ARG = 2  # (input, p, train)
+_DEQUANTIZE_PER_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class QATConfig:
+    """When to freeze what, counted from the end of training.
+
+    Freezing BN statistics first and then the ranges is the usual QAT endgame: the last epochs
+    train the weights against the exact folded scales that will be deployed.
+    """
+
+    freeze_bn_epochs: int = 2
+    """The last this many epochs use BN running statistics instead of batch statistics."""
+    freeze_observer_epochs: int = 1
+    """The last this many epochs keep every activation and weight scale fixed."""
+    activation_averaging: float = 0.01
+    """Moving-average constant of the activation range observers (1 = last batch only)."""
+
+    def __post_init__(self) -> None:
+        for name in ("freeze_bn_epochs", "freeze_observer_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"QAT {name} must be a whole number of epochs >= 0, got {value!r}")
+        if not 0.0 < self.activation_averaging <= 1.0:
+            raise ConfigError(f"QAT activation_averaging must be in (0, 1], got {self.activation_averaging!r}")
+
+    def phase(self, epoch: int, epochs: int) -> tuple[bool, bool]:
+        """``(bn_frozen, observers_frozen)`` for 0-based ``epoch`` of ``epochs``."""
+        return epoch >= epochs - self.freeze_bn_epochs, epoch >= epochs - self.freeze_observer_epochs
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the Q/DQ go
+
+
+def activation_spec(averaging: float) -> QuantizationSpec:
+    """uint8 per-tensor affine: the activation type onnxruntime's x86 int8 kernels need (U8S8)."""
+    return QuantizationSpec(
+        dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+        observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver,
+                                                          averaging_constant=averaging))
+
+
+WEIGHT_SPEC = QuantizationSpec(
+    dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0,
+    observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver,
+                                                      averaging_constant=1.0, eps=2**-12))
+"""int8 per-output-channel symmetric in [-127, 127] (zero point 0), scales from the current weights."""
+
+
+def float_scopes(model: nn.Module) -> set[str]:
+    """Qualified names of the frequency-wise norms, which stay float.
+
+    Their per-bin statistics divide by a standard deviation; quantizing the inside tripled the
+    logit drift in ORT at no speed gain (reference/compression.md §4.1).
+    """
+    return {name for name, module in model.named_modules() if isinstance(module, FreqNorm)}
+
+
+class OrtInt8Quantizer(Quantizer):
+    """Annotates the patterns onnxruntime fuses: conv (+BN)(+ReLU) and tensor add (+ReLU).
+
+    Each conv gets a quantized input, per-channel int8 weights and a quantized output, which is
+    exactly the DQ -> Conv -> Q group ORT turns into ``QLinearConv``; adds become ``QLinearAdd``.
+    Everything else (means, SiLU, sub-spectral norm, pooling, nodes inside ``float_scopes``)
+    stays float between a DQ and a Q. Conv biases stay float; ORT quantizes them to int32 itself
+    when it fuses.
+
+    The output is taken after a following BN, ReLU and dropout: BN folds, ReLU vanishes into the
+    zero point, and dropout is gone at inference. Quantizing before the dropout as well would
+    leave two Q/DQ pairs in a row, which ORT merges into one rounding that torch never did.
+    """
+
+    def __init__(self, float_scopes: Collection[str], activation: QuantizationSpec) -> None:
+        super().__init__()
+        self.float_scopes = set(float_scopes)
+        self.activation = activation
+
+    def _is_float(self, node: Node) -> bool:
+        return any(path in self.float_scopes for path, _ in node.meta.get("nn_module_stack", {}).values())
+
+    def annotate(self, model: GraphModule) -> GraphModule:
+        for node in model.graph.nodes:
+            if node.op != "call_function" or self._is_float(node):
+                continue
+            if node.target in _CONVS:
+                inputs = {node.args[0]: self.activation, node.args[1]: WEIGHT_SPEC}
+            elif node.target == _aten.add.Tensor and all(isinstance(a, Node) for a in node.args[:2]):
+                inputs = {arg: self.activation for arg in node.args[:2]}
+            else:
+                continue
+            node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
+            output = node
+            for followers in (_BATCH_NORMS, _RELUS, _DROPOUTS):
+                users = list(output.users)
+                if len(users) == 1 and users[0].target in followers:
+                    output = users[0]
+                    output.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
+            output.meta["quantization_annotation"].output_qspec = self.activation
+        return model
+
+    def validate(self, model: GraphModule) -> None:
+        """Nothing to check beyond what :meth:`annotate` already guarantees."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Training through the prepared graph
+
+
+def _set_graph_mode(graph: GraphModule, *, dropout: bool, bn_stats: bool) -> None:
+    """Flip the train flags baked into an exported graph's dropout and batch-norm calls.
+
+    torchao's ``move_exported_model_to_eval`` rewrites only ``F.dropout`` patterns and leaves
+    ``Dropout2d`` (``feature_dropout``) active in evaluation; setting the flag argument covers
+    every dropout variant and every BN op, including momentum/eps values its patterns miss.
+    """
+    changed = False
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _DROPOUTS:
+            index, value = _DROPOUT_TRAIN_ARG, dropout
+        elif node.target in _BATCH_NORMS:
+            index, value = _BN_TRAINING_ARG, bn_stats
+        else:
+            continue
+        if node.args[index] != value:
+            node.update_arg(index, value)
+            changed = True
+    if changed:
+        graph.recompile()
+
+
+class QATModel(nn.Module):
+    """The prepared PT2E graph, with ``train()``/``eval()`` that really switch modes.
+
+    An exported graph refuses ``train()``/``eval()``; here ``eval()`` turns dropout off, uses BN
+    running statistics and stops the range observers (so evaluation data never moves a scale),
+    and ``train()`` undoes that except for what :meth:`freeze` froze. The parameters are the
+    float model's own tensors, so an optimizer built from this module trains them.
+    """
+
+    def __init__(self, prepared: GraphModule) -> None:
+        super().__init__()
+        self.prepared = prepared
+        self.bn_frozen = False
+        self.observers_frozen = False
+        self.train(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.prepared(x)
+
+    def train(self, mode: bool = True) -> QATModel:
+        for module in self.modules():
+            module.training = mode
+        self._apply_mode()
+        return self
+
+    def freeze(self, *, bn: bool, observers: bool) -> None:
+        """Fix BN statistics and/or quantization ranges for the rest of training."""
+        self.bn_frozen, self.observers_frozen = bn, observers
+        self._apply_mode()
+
+    def fake_quantizers(self) -> list[FakeQuantizeBase]:
+        return [m for m in self.prepared.modules() if isinstance(m, FakeQuantizeBase)]
+
+    def _apply_mode(self) -> None:
+        _set_graph_mode(self.prepared, dropout=self.training, bn_stats=self.training and not self.bn_frozen)
+        observe = self.training and not self.observers_frozen
+        for quantizer in self.fake_quantizers():
+            quantizer.enable_observer(observe)
+
+
+def _check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ConfigError(f"QAT input_shape must be (channels, frequency, time) of positive ints, got {input_shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+def prepare_qat(model: nn.Module, input_shape: tuple[int, int, int], config: QATConfig | None = None) -> QATModel:
+    """Export ``model`` (dynamic batch, fixed ``(channels, frequency, time)``) and insert fake-quant."""
+    config = config or QATConfig()
+    shape = _check_input_shape(input_shape)
+    device = next(model.parameters()).device
+    example = torch.zeros((2, *shape), device=device)  # batch 2: a size-1 dim would be specialised
+    batch = torch.export.Dim("batch")
+    graph = torch.export.export(model.train(), (example,), dynamic_shapes=({0: batch},)).module()
+    quantizer = OrtInt8Quantizer(float_scopes(model), activation_spec(config.activation_averaging))
+    prepared = prepare_qat_pt2e(graph, quantizer)
+    qat = QATModel(prepared)
+    if not any(q.qscheme == torch.per_channel_symmetric for q in qat.fake_quantizers()):
+        raise ConfigError(f"{type(model).__name__} has no Conv2d outside frequency-wise norms to quantize; "
+                          "use a model with conv layers")
+    return qat
+
+
+def convert_qat(qat: QATModel) -> GraphModule:
+    """The deployable int8 graph: BN folded, int8 weights, Q/DQ with the trained scales.
+
+    Works on a copy in eval mode, so training can go on. It may take tens of seconds: torchao
+    traces its ~100 conv-BN folding patterns on every call.
+    """
+    prepared = copy.deepcopy(qat.prepared)
+    _set_graph_mode(prepared, dropout=False, bn_stats=False)
+    for quantizer in prepared.modules():
+        if isinstance(quantizer, FakeQuantizeBase):
+            quantizer.enable_observer(False)
+    converted = convert_pt2e(prepared)
+    _drop_unused_attributes(converted)
+    return allow_exported_model_train_eval(converted)  # export code may call .eval(); it is a no-op here
+
+
+def _drop_unused_attributes(graph: GraphModule) -> None:
+    """Remove the float weights and BN tensors that folding replaced, so only deployed ones remain."""
+    used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(graph.named_parameters()) + list(graph.named_buffers()):
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            delattr(graph.get_submodule(owner) if owner else graph, attr)
+    graph.delete_all_unused_submodules()
+
+
+@dataclass(frozen=True)
+class Int8ConvWeight:
+    """One deployed conv weight: ``weight = q * scale[c]`` per output channel ``c``."""
+
+    name: str
+    q: Tensor
+    scale: Tensor
+
+    def dequantized(self) -> Tensor:
+        return self.q.float() * self.scale.float().reshape(-1, *([1] * (self.q.dim() - 1)))
+
+
+def int8_conv_weights(converted: GraphModule) -> list[Int8ConvWeight]:
+    """The int8 weights of a converted graph, in graph order (for size reports and checks)."""
+    weights = []
+    for node in converted.graph.nodes:
+        if node.op == "call_function" and node.target in _CONVS:
+            dequant = node.args[1]
+            if not (isinstance(dequant, Node) and dequant.target == _DEQUANTIZE_PER_CHANNEL):
+                continue
+            q_node, scale_node = dequant.args[0], dequant.args[1]
+            weights.append(Int8ConvWeight(str(q_node.target), converted.get_buffer(str(q_node.target)),
+                                          converted.get_buffer(str(scale_node.target))))
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------
+# The training-loop plugin
+
+
+class Int8QAT(TrainHook):
+    """Int8 QAT for the training loop; ``finalize`` returns the :func:`convert_qat` graph.
+
+    ``input_shape`` is one example's ``(channels, frequency, time)``: the graph is exported with a
+    dynamic batch but fixed feature size. Observer ranges and fake-quant scales are buffers of
+    the wrapped model, so they travel in the model's ``state_dict`` (the loop checkpoints it);
+    the hook's own state is the freeze phase. ``float_model`` is the module that was wrapped: it
+    shares parameters and buffers with the graph, so it holds the QAT-trained float weights.
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], config: QATConfig | None = None) -> None:
+        self.input_shape = _check_input_shape(input_shape)
+        self.config = config or QATConfig()
+        self.float_model: nn.Module | None = None
+        self.qat: QATModel | None = None
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        self.float_model = model
+        self.qat = prepare_qat(model, self.input_shape, self.config)
+        return self.qat
+
+    def _model(self) -> QATModel:
+        if self.qat is None:
+            raise AscError("Int8QAT: the model was not wrapped yet; call wrap_model (the Trainer does) first")
+        return self.qat
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        bn, observers = self.config.phase(epoch, trainer.config.train.epochs)
+        self._model().freeze(bn=bn, observers=observers)
+
+    def eval_forward(self, trainer: Trainer, model: nn.Module, x: Tensor) -> Tensor:
+        qat = self._model()
+        if qat.training:
+            qat.eval()
+        return qat(x)
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        if not isinstance(model, QATModel):
+            raise AscError(f"Int8QAT.finalize: expected the QATModel returned by wrap_model, "
+                           f"got {type(model).__name__}; run the hooks that replace the model before Int8QAT")
+        return convert_qat(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        qat = self._model()
+        return {"bn_frozen": qat.bn_frozen, "observers_frozen": qat.observers_frozen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._model().freeze(bn=bool(state["bn_frozen"]), observers=bool(state["observers_frozen"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+
+
+def _strip_onnx(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node metadata and intermediate shape annotations.
+
+    Both are redundant for inference (ORT infers shapes) and were over a third of the file.
+    """
+    graph = model.graph
+    for items in (graph.node, graph.input, graph.output, graph.initializer):
+        for item in items:
+            del item.metadata_props[:]
+    del graph.value_info[:]
+    del model.metadata_props[:]
+
+
+def _ort_session(path: Path, *, fused: bool = True, optimized_path: Path | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3  # the NCHWc "hardware specific" notice is expected here
+    if not fused:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | Path, x: Tensor, *, fused: bool = True) -> np.ndarray:
+    """Logits of an ONNX model in onnxruntime; ``fused=False`` keeps Q/DQ as separate float ops.
+
+    The unfused run computes what the torch graph computes, so it separates "the file is wrong"
+    from "ORT's integer kernels round differently".
+    """
+    session = _ort_session(Path(path), fused=fused)
+    return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
+
+
+def export_qat_onnx(finalized: nn.Module, example_input: Tensor, path: str | Path, *, opset: int = 18) -> Path:
+    """Write ``finalized`` as one self-contained ONNX file with a dynamic batch dimension.
+
+    For a :func:`convert_qat` graph that is an int8 QDQ model; any plain float module exports the
+    same way. The file is checked with ``onnx.checker`` and must run in onnxruntime on
+    ``example_input`` with finite logits of the torch output's shape.
+    """
+    path = Path(path)
+    batch = torch.export.Dim("batch")
+    program = torch.onnx.export(finalized, (example_input,), dynamo=True, external_data=False, opset_version=opset,
+                                dynamic_shapes=({0: batch},), input_names=["x"], output_names=["logits"],
+                                verbose=False)
+    model = program.model_proto
+    _strip_onnx(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    with torch.no_grad():
+        expected = finalized(example_input)
+    logits = run_onnx(path, example_input)
+    if logits.shape != tuple(expected.shape) or not np.isfinite(logits).all():
+        raise AscError(f"{path}: onnxruntime returned {logits.shape} logits (finite: {np.isfinite(logits).all()}), "
+                       f"torch {tuple(expected.shape)}; report this model, the export is broken")
+    return path
+
+
+@dataclass(frozen=True)
+class FusionCensus:
+    """Op types of a model after onnxruntime's full graph optimization."""
+
+    op_counts: dict[str, int]
+
+    @property
+    def qlinear_convs(self) -> int:
+        return self.op_counts.get("QLinearConv", 0)
+
+    @property
+    def float_convs(self) -> int:
+        return self.op_counts.get("Conv", 0) + self.op_counts.get("FusedConv", 0)
+
+
+def fusion_census(path: str | Path) -> FusionCensus:
+    """Which ops ORT actually runs: a conv that did not become ``QLinearConv`` runs in float."""
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        _ort_session(Path(path), optimized_path=optimized)
+        nodes = onnx.load(str(optimized)).graph.node
+    return FusionCensus(dict(Counter(node.op_type for node in nodes)))
