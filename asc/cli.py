@@ -130,7 +130,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from asc.train.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run, data_root=args.data, split=args.split, checkpoint=args.checkpoint,
-                           progress=not args.quiet)
+                           skip_missing=args.skip_missing, progress=not args.quiet)
     out = args.out or args.run / f"eval-{args.split or 'default'}-{args.checkpoint}"
     write_report(out, metrics, extra={"run": str(args.run), "data": str(args.data or "run's own data"),
                                       "split": args.split or "default", "checkpoint": args.checkpoint},
@@ -166,6 +166,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data", type=Path, default=None, help="dataset root (default: the run's data)")
     evaluate.add_argument("--split", default=None, help="split name (default: the run's data.eval_split)")
     evaluate.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    evaluate.add_argument("--skip-missing", action="store_true",
+                          help="evaluate the clips present when a dataset lists audio files it lacks")
     evaluate.add_argument("--out", type=Path, default=None, help="report folder (default: inside RUN)")
     _add_common(evaluate)
     evaluate.set_defaults(handler=_evaluate)

@@ -189,6 +189,7 @@ class DataConfig:
     ir_dir: str | None = None  #: impulse responses for the synthetic corpus' IR devices
     train_split: str = "train"
     eval_split: str = "evaluate"
+    missing_audio: typing.Literal["error", "skip"] = "error"  #: skip: use a partial download's files
     clip_seconds: float | None = None  #: None → the length of the dataset's first clip
     cache_dir: str | None = None  #: decode/feature caches (default: $ASC_CACHE or ~/.cache/asc)
     cache_features: bool = True  #: precompute log-mels when no augmentation needs raw audio

@@ -131,7 +131,7 @@ def test_missing_audio_error_names_count_and_first_file(tau_fixtures: Path, year
     assert "5 of 6 listed audio files are missing" in message
     assert Path(raised.value.path).parent == (tau_fixtures / DEV[year] / "audio").absolute()
     assert not Path(raised.value.path).exists()
-    assert "missing_audio='skip'" in message
+    assert "data.missing_audio=skip" in message
 
 
 @pytest.mark.parametrize("year", sorted(DEV))

@@ -56,6 +56,15 @@ def test_train_writes_a_complete_run_folder(workspace: Path, tiny_overrides):
     assert again.log_loss == pytest.approx(metrics["log_loss"], rel=1e-5)
 
 
+def test_evaluate_on_a_real_partial_tau_folder(workspace: Path, tau_fixtures: Path, capsys):
+    root = tau_fixtures / "tau2020uas_mobile" / "TAU-urban-acoustic-scenes-2020-mobile-development"
+    assert main(["evaluate", str(workspace / "run"), "--data", str(root), "--split", "train", "--quiet"]) == 2
+    assert "data.missing_audio=skip" in capsys.readouterr().err
+    metrics = evaluate_run(workspace / "run", data_root=root, split="train", skip_missing=True, progress=False)
+    assert metrics.n == 1 and list(metrics.per_device) == ["a"]
+    assert 0 < metrics.log_loss < 10
+
+
 def test_existing_run_is_not_overwritten(workspace: Path, tiny_overrides, capsys: pytest.CaptureFixture[str]):
     run = workspace / "run"
     assert main(["train", "--quiet", "--out", str(run), *tiny_overrides()]) == 2

@@ -88,7 +88,7 @@ def read_tau(
         if missing_audio == "error" or len(missing) == len(listed):
             fix = f"download and extract every audio archive into {root / 'audio'}"
             if missing_audio == "error":
-                fix += ", or pass missing_audio='skip' to use only the files present"
+                fix += ", or set data.missing_audio=skip (asc evaluate --skip-missing) to use the files present"
             raise DatasetError(missing[0], f"audio file not found ({counted})", fix)
         absent = set(missing)
         splits = {
@@ -124,8 +124,8 @@ def check_tau(
         first = ", ".join(missing[:_SHOWN])
         message = f"{len(missing)} of {len(paths)} listed audio files are missing (first: {first})"
         fix = (
-            f"download and extract every audio archive into {root / 'audio'}, or read the "
-            "dataset with missing_audio='skip' to use only the files present"
+            f"download and extract every audio archive into {root / 'audio'}, or set "
+            "data.missing_audio=skip (asc evaluate --skip-missing) to use only the files present"
         )
         problems.append(_error(root / "audio", message, fix))
     rates: Counter[int] = Counter()

@@ -55,7 +55,7 @@ def open_clipset(config: DataConfig, *, progress: bool = True, create: bool = Tr
     """Read the dataset the config points at, creating the synthetic corpus when allowed."""
     if config.root is None and create:
         ensure_synthetic(config, progress=progress)
-    return read_tau(dataset_root(config))
+    return read_tau(dataset_root(config), missing_audio=config.missing_audio)
 
 
 def split_clips(clipset: ClipSet, split: str) -> list[Clip]:

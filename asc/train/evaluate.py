@@ -51,11 +51,13 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.
 
 
 def evaluate_run(run_dir: Path, *, data_root: Path | None = None, split: str | None = None,
-                 checkpoint: str = "last", progress: bool = True) -> Metrics:
+                 checkpoint: str = "last", skip_missing: bool = False, progress: bool = True) -> Metrics:
     """Metrics of ``run_dir``'s model on ``split`` of ``data_root`` (default: the run's own data)."""
     run_dir = Path(run_dir)
     config = load_config(RunConfig, run_dir / "config.yaml")
     data = config.data if data_root is None else replace(config.data, root=str(data_root))
+    if skip_missing:
+        data = replace(data, missing_audio="skip")
     model, state = load_run_model(run_dir, checkpoint)
     features = FeatureConfig.from_dict(state["features"])
     clipset = open_clipset(data, progress=progress, create=data_root is None)
