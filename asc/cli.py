@@ -76,12 +76,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         description="Write a synthetic multi-device acoustic-scene corpus (TAU 2020 Mobile layout) "
         "into OUT. Re-running with the same settings reuses the existing corpus.")
     synth.add_argument("out", type=Path, help="output folder (created; must be empty or a previous corpus)")
-    synth.add_argument("--preset", default="quick", help="size preset: quick or standard (default: quick)")
+    synth.add_argument("--preset", default="quick",
+                       help="size preset: tiny (tests), quick (smoke runs) or standard (~2,000 training clips)")
     synth.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
     synth.add_argument("--ir-dir", type=Path, default=None,
                        help="folder of microphone impulse responses used for some devices")
     synth.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="any SynthConfig field, e.g. clip_seconds=4 train_segments=200")
+                       help="any SynthConfig field, e.g. clip_seconds=4 train_segments_per_scene=200")
     _add_common(synth)
     synth.set_defaults(handler=_data_synth)
 

@@ -31,7 +31,7 @@ from asc.errors import DatasetError
 from asc.io import atomic_write_json, atomic_write_text
 
 FORMAT = "asc-synthetic-scenes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the same config would render different audio
 MANIFEST = "synth.json"
 _MARGIN_SECONDS = 0.25  # rendered on both sides of a clip: room for device offsets and filter tails
 _OWNED = ("audio", "evaluation_setup", "meta.csv", MANIFEST)
