@@ -47,3 +47,10 @@ def test_devices_are_listed_in_dcase_order():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError):
         compute_metrics(np.zeros((2, 3)), [0], ["a", "a"], LABELS)
+
+
+def test_metrics_round_trip_through_a_dict():
+    metrics = compute_metrics(np.log(np.array([[0.5, 0.25, 0.25]] * 3)), [0, 1, 0], ["a", "s4", "b"], LABELS)
+    again = type(metrics).from_dict(metrics.to_dict())
+    assert again.per_device["s4"].accuracy == 0.0 and again.confusion == metrics.confusion
+    assert again.to_dict() == metrics.to_dict()

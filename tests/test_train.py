@@ -194,3 +194,14 @@ def test_two_process_ddp_ranks_finish_with_identical_weights(workspace: Path, ti
     # each rank saw half of the data: half the optimizer steps of a single-process run per epoch
     single = load_checkpoint(workspace / "run" / "checkpoints" / "last.pt")["step"]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == single // 2
+
+
+def test_translation_is_fitted_from_waveforms_when_features_are_not_cached(workspace: Path, tiny_overrides):
+    config = load_config(RunConfig, None, [*tiny_overrides(epochs=1), "augment.translation=response",
+                                           "augment.roll_seconds=0.1"])
+    trainer = Trainer(config, workspace / "wave-translation", progress=False)
+    trainer.fit()
+    assert not trainer.data.features_cached
+    response = torch.load(workspace / "wave-translation" / "translation.pt", weights_only=True)
+    assert sorted(response["devices"]) == ["b", "c", "s1", "s2", "s3"]
+    assert response["delta"].shape == (5, 32) and torch.isfinite(response["delta"]).all()

@@ -7,7 +7,6 @@ every command.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -100,8 +99,3 @@ def _batch_frontend(features: FeatureConfig):
             return frontend(torch.from_numpy(np.array(batch, dtype=np.float32))).numpy()
 
     return compute
-
-
-def steps_per_epoch(num_clips: int, batch_size: int, world_size: int) -> int:
-    per_rank = math.ceil(num_clips / world_size)
-    return max(1, per_rank // batch_size)

@@ -53,6 +53,13 @@ class Metrics:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Metrics:
+        """Inverse of :meth:`to_dict` (e.g. for the ``metrics`` of a ``report.json``)."""
+        scores = {key: {name: Score(**score) for name, score in data[key].items()}
+                  for key in ("per_device", "per_class", "per_group")}
+        return cls(**{**data, **scores})
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)

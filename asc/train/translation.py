@@ -38,8 +38,9 @@ def paired_spectrograms(dataset: ClipDataset, frontend: torch.nn.Module | None, 
                           "and other devices, and the training split has none; set augment.translation=none")
 
     def spectrogram(index: int) -> torch.Tensor:
-        x = dataset[index][0].unsqueeze(0)
-        return (frontend(x) if frontend is not None else x.unsqueeze(0) if x.dim() == 3 else x)[0]
+        """(1, F, T): the cached log-mel, or the front end applied to the cached waveform."""
+        x = dataset[index][0]
+        return frontend(x.unsqueeze(0))[0] if frontend is not None else x
 
     sources = torch.stack([spectrogram(i) for i, _ in pairs])
     targets = torch.stack([spectrogram(j) for _, j in pairs])

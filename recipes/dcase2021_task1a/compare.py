@@ -53,12 +53,7 @@ def pooled(metrics: Metrics, devices: tuple[str, ...]) -> float:
 
 
 def load_metrics(run: Path) -> Metrics:
-    from asc.train.metrics import Score as ScoreType
-
-    data = json.loads((run / "report.json").read_text())["metrics"]
-    for key in ("per_device", "per_class", "per_group"):
-        data[key] = {name: ScoreType(**score) for name, score in data[key].items()}
-    return Metrics(**data)
+    return Metrics.from_dict(json.loads((run / "report.json").read_text())["metrics"])
 
 
 def table(rows: dict[str, Metrics], title: str) -> str:
