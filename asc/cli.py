@@ -174,6 +174,45 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=_evaluate)
 
 
+# ----------------------------------------------------------------------------------------- compress
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import json
+
+    from asc.compress.stage import compress_run
+
+    out = args.out or args.run.with_name(f"{args.run.name}-{'+'.join(args.method)}")
+    outcome = compress_run(args.run, out, args.method, args.overrides, progress=not args.quiet)
+    report = json.loads((out / "report.json").read_text())
+    size = report["complexity"]
+    accuracy = report["metrics"]["accuracy"]
+    print(f"{out}: {outcome}; finalized {report['precision']} model: accuracy {100 * accuracy:.1f} %, "
+          f"{size['params']:,} parameters ({size['nonzero_params']:,} non-zero), "
+          f"{size['nonzero_bytes'] / 1000:.1f} kB non-zero, {size['bytes'] / 1000:.1f} kB in all "
+          f"(report: {out / 'report.md'})")
+    return 0
+
+
+def _add_compress(sub: argparse._SubParsersAction) -> None:
+    from asc.compress.stage import METHODS
+
+    parser = sub.add_parser(
+        "compress", help="compress a trained run (pruning, int8 QAT, distillation, PQK)",
+        description="Start from a trained run's weights, train with one or several compression methods "
+        "and write a new run folder whose finalized.pt2 is the deployable model. key=value overrides set "
+        "run settings (train.epochs=10 optim.lr=0.01) or method options (pqk.sparsity=0.8, "
+        "structured.ratio=0.5, prune.sparsity=0.7, qat.freeze_bn_epochs=2, kd.teacher=RUN).")
+    parser.add_argument("run", type=Path, help="trained run folder")
+    parser.add_argument("--method", action="append", required=True, choices=tuple(METHODS),
+                        help="compression method; repeat to compose (e.g. --method structured --method qat "
+                        "--method kd)")
+    parser.add_argument("--out", type=Path, default=None, help="new run folder (default: RUN-METHODS beside RUN)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="run settings and method options")
+    _add_common(parser)
+    parser.set_defaults(handler=_compress)
+
+
 # ----------------------------------------------------------------------------------------- complexity
 
 
@@ -222,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_data(sub)
     _add_train(sub)
+    _add_compress(sub)
     _add_complexity(sub)
     return parser
 

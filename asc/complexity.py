@@ -426,11 +426,20 @@ def complexity(model: nn.Module, input_shape: tuple[int, ...], *, weight_bytes: 
 
 
 def run_complexity(run_dir: Path, checkpoint: str = "last", *, weight_bytes: WeightBytes = None) -> Complexity:
-    """Counts for a run folder's model on one clip of its training length, plus a 1-s input."""
+    """Counts for a run folder's model on one clip of its training length, plus a 1-s input.
+
+    A compressed run is counted on the float twin of its finalized model, at 1 byte per weight
+    when the finalized model is int8 (unless ``weight_bytes`` says otherwise).
+    """
     # imported here because asc.train may come to import this module
+    from asc.train.checkpoint import FINALIZED_NAME
     from asc.train.evaluate import load_run_model
 
+    if checkpoint == "last" and (Path(run_dir) / FINALIZED_NAME).is_file():
+        checkpoint = "float"
     model, state = load_run_model(Path(run_dir), checkpoint)
+    if weight_bytes is None and state.get("precision") == "int8":
+        weight_bytes = 1
     features = FeatureConfig.from_dict(state["features"])
     clip = (1, 1, features.n_mels, features.num_frames(state["num_samples"]))
     second = (1, 1, features.n_mels, features.num_frames(features.sample_rate))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asc.augment import mix_targets, mixup_loss
+from asc.augment import mix_targets
 from asc.errors import ConfigError
 from asc.io import atomic_path
 from asc.train.hooks import TrainHook
@@ -154,14 +154,9 @@ class OnlinePeers:
 
     def peer_loss(self, trainer: Trainer, student_logits: Tensor, temperature: float) -> Tensor:
         """Each peer's task loss (mixup-aware, like the student's) plus distillation from the student."""
-        batch = trainer.batch
+        from asc.train.loop import task_loss
 
-        def task(z: Tensor) -> Tensor:
-            if batch.mix is not None:
-                return mixup_loss(z, batch.labels, batch.mix.perm, batch.mix.lam)
-            return F.cross_entropy(z, batch.labels)
-
-        return sum(task(z) + kd_loss(z, student_logits, temperature) for z in self._last)
+        return sum(task_loss(z, trainer.batch) + kd_loss(z, student_logits, temperature) for z in self._last)
 
 
 class Distillation(TrainHook):

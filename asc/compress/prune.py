@@ -204,15 +204,6 @@ def masked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if _has_mask(module)]
 
 
-def masked_weights(model: nn.Module) -> dict[str, Tensor]:
-    """``{"<module>.weight": weight * mask}`` for :func:`torch.func.functional_call`.
-
-    Runs the pruned network without touching the stored weights, so a method can keep the pruned
-    values (PQK's teacher) and still train the masked student; gradients reach only kept weights.
-    """
-    return {f"{name}.weight": module.weight * module.get_buffer(MASK) for name, module in masked_modules(model)}
-
-
 @torch.no_grad()
 def materialize_masks(model: nn.Module) -> nn.Module:
     """Multiply every masked weight by its mask and delete the mask buffers (in place).
@@ -265,12 +256,14 @@ class MagnitudePruning(TrainHook):
       zeroed before it, so gradient clipping ignores them). Momentum and weight decay cannot
       revive them; a zero stays the smallest magnitude, so pruned weights never come back.
     * ``keep_pruned_values=True``: stored weights are left alone and the forward (training and
-      evaluation) runs on ``weight * mask`` (:func:`masked_weights`), so pruned weights get no
+      evaluation) runs on ``weight * mask`` (:meth:`masked_parameters`), so pruned weights get no
       gradient but keep their values (weight decay still shrinks them) and may re-enter at the
       next refresh. This is what PQK needs to add them back as a teacher.
+
+    ``schedule`` may be left out when a method sets it in ``setup`` from the run's length.
     """
 
-    def __init__(self, schedule: PruningSchedule, *, selection: LayerSelection = LayerSelection(),
+    def __init__(self, schedule: PruningSchedule | None = None, *, selection: LayerSelection = LayerSelection(),
                  scope: Scope = "global", keep_pruned_values: bool = False) -> None:
         if scope not in ("global", "layer"):
             raise ConfigError(f"unknown pruning scope {scope!r}; valid: global, layer")
@@ -287,11 +280,28 @@ class MagnitudePruning(TrainHook):
         """``{"<module>.weight": bool mask}``, the live buffers (read them, do not write them)."""
         return {f"{name}.weight": module.get_buffer(MASK) for name, module in self.layers.items()}
 
+    def masked_parameters(self, model: nn.Module) -> dict[str, Tensor]:
+        """``{name in model: weight * mask}`` for :func:`torch.func.functional_call` on ``model``.
+
+        Runs the pruned network without touching the stored weights, so the pruned values survive
+        (PQK's teacher) while gradients reach only kept weights. Weights are matched by identity,
+        so ``model`` may be any wrapper sharing the pruned parameters (e.g. a QAT graph, which
+        drops the unused mask buffers and renames modules).
+        """
+        layers = {id(module.weight): module for module in self.layers.values()}
+        return {name: weight * layers[id(weight)].get_buffer(MASK)
+                for name, weight in model.named_parameters() if id(weight) in layers}
+
+    def _schedule(self) -> PruningSchedule:
+        if self.schedule is None:
+            raise ConfigError("magnitude pruning has no schedule; pass one or set it before setup")
+        return self.schedule
+
     @torch.no_grad()
     def refresh(self, step: int) -> None:
         """Recompute the masks for the target sparsity of ``step``, ranking the stored weights."""
         weights = {name: module.weight for name, module in self.layers.items()}
-        for name, mask in magnitude_masks(weights, self.schedule.sparsity(step), self.scope).items():
+        for name, mask in magnitude_masks(weights, self._schedule().sparsity(step), self.scope).items():
             self.layers[name].get_buffer(MASK).copy_(mask)
 
     @torch.no_grad()
@@ -302,7 +312,7 @@ class MagnitudePruning(TrainHook):
 
     def update(self, step: int) -> None:
         """What happens after optimizer step ``step``: refresh on schedule, then enforce the masks."""
-        if self.schedule.refreshes(step):
+        if self._schedule().refreshes(step):
             self.refresh(step)
         if not self.keep_pruned_values:
             self.apply()
@@ -335,21 +345,30 @@ class MagnitudePruning(TrainHook):
     def forward(self, trainer: Trainer, model: nn.Module, x: Tensor) -> dict[str, Tensor] | None:
         if not self.keep_pruned_values:
             return None
-        return {"logits": torch.func.functional_call(model, masked_weights(model), (x,))}
+        return {"logits": torch.func.functional_call(model, self.masked_parameters(model), (x,))}
 
     def eval_forward(self, trainer: Trainer, model: nn.Module, x: Tensor) -> Tensor | None:
         if not self.keep_pruned_values:
             return None
-        return torch.func.functional_call(model, masked_weights(model), (x,))
+        return torch.func.functional_call(model, self.masked_parameters(model), (x,))
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        """A copy with the masks multiplied in and no mask buffers (the training model is untouched)."""
-        return materialize_masks(copy.deepcopy(model))
+        """A copy with the masks multiplied in and no mask buffers (the training model is untouched).
+
+        ``model`` may be a wrapper of the pruned modules (e.g. a QAT graph without the mask
+        buffers): the masked values are found by weight identity before copying.
+        """
+        masked = {name: value.detach() for name, value in self.masked_parameters(model).items()}
+        final = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, value in masked.items():
+                final.get_parameter(name).copy_(value)
+        return materialize_masks(final)
 
     def state_dict(self) -> dict[str, Any]:
         # The masks are buffers, so they are in the model's state dict already; this records the
         # settings that produced them so a resume with different ones fails instead of drifting.
-        return {"schedule": asdict(self.schedule), "scope": self.scope, "layers": sorted(self.layers),
+        return {"schedule": asdict(self._schedule()), "scope": self.scope, "layers": sorted(self.layers),
                 "keep_pruned_values": self.keep_pruned_values}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

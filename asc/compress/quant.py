@@ -30,29 +30,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import logging
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
-from torchao.quantization.pt2e import (
+
+# torchao's CPU wheel tries to load CUDA-only kernels and logs a warning per file on import, and
+# registering its enums logs a torch deprecation notice; neither affects PT2E, so keep them off
+# the console of every `asc` command that quantizes.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+from torchao.quantization.pt2e import (  # noqa: E402
     FakeQuantize,
     FakeQuantizeBase,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
     allow_exported_model_train_eval,
 )
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
-from torchao.quantization.pt2e.quantizer import (
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e  # noqa: E402
+from torchao.quantization.pt2e.quantizer import (  # noqa: E402
     QuantizationAnnotation,
     QuantizationSpec,
     Quantizer,
 )
 
-from asc.errors import AscError, ConfigError
-from asc.models.norms import FreqNorm
-from asc.train.hooks import TrainHook
+from asc.errors import AscError, ConfigError  # noqa: E402
+from asc.models.norms import FreqNorm  # noqa: E402
+from asc.train.hooks import TrainHook  # noqa: E402
 
 if TYPE_CHECKING:
     from asc.train.loop import Trainer

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from asc.errors import AscError
-from asc.io import atomic_torch_save
+from asc.io import atomic_path, atomic_torch_save
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -30,3 +31,43 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise AscError(f"{path}: not a readable asc checkpoint ({reason}); re-run training or restore the file") \
             from None
+
+
+FINALIZED_NAME = "finalized.pt2"
+"""The deployable module of a compressed run, as a ``torch.export`` program (no pickled code)."""
+
+
+class FinalizedModule(nn.Module):
+    """A loaded deployable graph; ``train()``/``eval()`` change nothing, it is inference-only."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+    def train(self, mode: bool = True) -> FinalizedModule:
+        self.training = mode
+        return self
+
+
+def save_finalized(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Write ``model`` as an exported program with a dynamic batch, atomically.
+
+    Any module a method finalizes (a masked float net, a channel-pruned one, an int8 QDQ graph)
+    is stored the same way, so loading and exporting it needs no knowledge of the method.
+    """
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+        torch.export.save(program, handle)
+
+
+def load_finalized(path: Path, map_location: str | torch.device = "cpu") -> FinalizedModule:
+    path = Path(path)
+    try:
+        program = torch.export.load(path)
+    except Exception as error:  # torch raises many types for truncated or foreign archives
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise AscError(f"{path}: not a readable finalized model ({reason}); re-run `asc compress`") from None
+    return FinalizedModule(program.module()).to(map_location)

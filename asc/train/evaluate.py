@@ -16,7 +16,7 @@ from asc.data.loader import ClipDataset, make_loader
 from asc.errors import AscError
 from asc.features import FeatureConfig
 from asc.models import build_model
-from asc.train.checkpoint import load_checkpoint
+from asc.train.checkpoint import FINALIZED_NAME, load_checkpoint, load_finalized
 from asc.train.data import clip_samples, clipset_devices, make_dataset, open_clipset, split_clips
 from asc.train.metrics import Metrics, compute_metrics
 
@@ -37,14 +37,32 @@ def predict_logits(dataset: ClipDataset, forward: Callable[[Tensor], Tensor], *,
 
 def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.device = "cpu"
                    ) -> tuple[nn.Module, dict]:
-    """The model of a run folder in eval mode, plus the checkpoint's metadata."""
-    path = Path(run_dir) / "checkpoints" / f"{checkpoint}.pt"
+    """The model of a run folder in eval mode, plus the checkpoint's metadata.
+
+    A compressed run deploys its finalized module (``finalized.pt2``): that is what ``last``
+    means there, with the metadata of its float twin (``checkpoints/float.pt``, also loadable
+    by name). Channel-pruned models are rebuilt from the shapes recorded in their spec.
+    """
+    run_dir = Path(run_dir)
+    if checkpoint == "last" and (run_dir / FINALIZED_NAME).is_file():
+        state = load_checkpoint(run_dir / "checkpoints" / "float.pt", device)
+        return load_finalized(run_dir / FINALIZED_NAME, device).eval(), state
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     state = load_checkpoint(path, device)
     spec = state["model_spec"]
-    model = build_model(spec["name"], spec["num_classes"], **spec["args"])
+
+    def build() -> nn.Module:
+        return build_model(spec["name"], spec["num_classes"], **spec["args"])
+
     try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
+        if "channels" in spec:
+            from asc.compress.prune import rebuild_pruned
+
+            model = rebuild_pruned(build, spec["channels"], state["model"])
+        else:
+            model = build()
+            model.load_state_dict(state["model"])
+    except (RuntimeError, AscError) as error:
         raise AscError(f"{path}: weights do not fit model '{spec['name']}' ({str(error).splitlines()[0]}); "
                        "the checkpoint was written by an incompatible asc version") from None
     return model.to(device).eval(), state

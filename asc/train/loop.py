@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,13 @@ class BatchInfo:
     mix: MixedBatch | None  #: the mixup pairing, so soft targets can be mixed like the inputs
 
 
+def task_loss(logits: Tensor, batch: BatchInfo) -> Tensor:
+    """Cross-entropy against the batch's labels, mixed like the inputs when mixup is on."""
+    if batch.mix is not None:
+        return mixup_loss(logits.float(), batch.labels, batch.mix.perm, batch.mix.lam)
+    return F.cross_entropy(logits.float(), batch.labels)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
@@ -102,15 +109,24 @@ def parameter_digest(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+ModelFactory = Callable[[int], nn.Module]
+"""Builds the starting model for a number of classes (default: a fresh one from the config)."""
+
+
 class Trainer:
-    """Trains ``config`` into ``run_dir``; see the module docstring for the guarantees."""
+    """Trains ``config`` into ``run_dir``; see the module docstring for the guarantees.
+
+    ``model_factory`` replaces the fresh model, e.g. with trained weights to compress. It must
+    return the same model every time it is called, because a resumed run calls it again.
+    """
 
     def __init__(self, config: RunConfig, run_dir: Path, hooks: Sequence[TrainHook] = (),
-                 progress: bool = True) -> None:
+                 progress: bool = True, model_factory: ModelFactory | None = None) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.hooks = list(hooks)
         self.progress = progress
+        self.model_factory = model_factory
         self.ctx = distributed.setup(config.train.device)
         self.epoch = 0
         self.step = 0
@@ -149,7 +165,9 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.data = self._prepare_data()
         self.frontend = LogMel(config.features).to(device)
-        model = build_model(config.model.name, len(self.data.labels), **config.model.args).to(device)
+        num_classes = len(self.data.labels)
+        model = (self.model_factory(num_classes) if self.model_factory is not None
+                 else build_model(config.model.name, num_classes, **config.model.args)).to(device)
         for hook in self.hooks:
             model = hook.wrap_model(model)
         self.model = model.to(device)
@@ -217,11 +235,7 @@ class Trainer:
                             if (out := hook.forward(self, self.train_model, x)) is not None), None)
             if outputs is None:
                 outputs = {"logits": self.train_model(x)}
-            logits = outputs["logits"].float()
-            if mix is not None:
-                loss = mixup_loss(logits, labels, mix.perm, mix.lam)
-            else:
-                loss = F.cross_entropy(logits, labels)
+            loss = task_loss(outputs["logits"], self.batch)
             for hook in self.hooks:
                 for term in hook.extra_losses(self, outputs, labels).values():
                     loss = loss + term
@@ -268,16 +282,18 @@ class Trainer:
                        if (out := hook.eval_forward(self, self.model, x)) is not None), None)
         return logits if logits is not None else self.model(x)
 
-    def predict(self, dataset: ClipDataset) -> np.ndarray:
-        """Logits of the deploy path for every clip of ``dataset``."""
+    def predict(self, dataset: ClipDataset, model: nn.Module | None = None) -> np.ndarray:
+        """Logits of the deploy path (or of another ``model``, e.g. a finalized one) for every clip."""
         self.model.eval()
-        return predict_logits(dataset, self._eval_forward,
+        if model is not None:
+            model.eval()
+        return predict_logits(dataset, self._eval_forward if model is None else model,
                               frontend=None if self.data.features_cached else self.frontend,
                               device=self.ctx.device, batch_size=self.config.train.eval_batch_size,
                               progress=self.progress and self.ctx.is_main)
 
-    def evaluate(self, dataset: ClipDataset) -> Metrics:
-        logits = self.predict(dataset)
+    def evaluate(self, dataset: ClipDataset, model: nn.Module | None = None) -> Metrics:
+        logits = self.predict(dataset, model)
         return compute_metrics(logits, dataset.targets, [c.device for c in dataset.clips], self.data.labels)
 
     # ------------------------------------------------------------------ persistence

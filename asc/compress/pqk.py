@@ -1,0 +1,192 @@
+"""PQK: pruning, quantization and self-distillation from the pruned weights (methods.md §4).
+
+A composition of the building blocks, not a copy of them:
+
+* phase 1 — :class:`~asc.compress.methods.PruneMethod` in keep-values mode ramps the sparsity
+  while :class:`~asc.compress.methods.QATMethod` trains the masked student through int8
+  fake-quant. Pruned weights keep their values: they are neither used nor updated.
+* phase 2 — the teacher is the dense tensor (kept + pruned weights) in float with its own batch
+  norms; :class:`~asc.compress.kd.Distillation` adds ``T² KL(teacher || student)`` to the
+  student's loss, and the teacher learns from the labels. Gradients are routed by construction:
+  the student sees ``w * mask`` (so its losses reach only kept weights) and the teacher sees
+  ``where(mask, w.detach(), w)`` (so its loss reaches only pruned weights). Every other shared
+  tensor (stem, classifier, the student's norms) is detached in the teacher's path.
+
+Only the student is finalized: masks applied, then converted to the int8 graph; the pruned
+values and the teacher's norms are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from asc.compress.base import Method, StageContext, parse_options
+from asc.compress.kd import Distillation, SelfTeacher
+from asc.compress.methods import PruneMethod, PruneOptions, QATMethod
+from asc.compress.prune import MASK
+from asc.compress.quant import QATConfig
+from asc.errors import ConfigError
+
+if TYPE_CHECKING:
+    from asc.train.loop import Trainer
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass
+class PQKOptions:
+    sparsity: float = 0.8  #: final fraction of zero weights in the pruned layers
+    scope: str = "global"
+    prune_end: float = 0.4  #: fraction of the steps at which the sparsity is reached (phase 1)
+    every: int = 16  #: mask refresh interval in steps during the ramp
+    phase2: float = 0.5  #: fraction of the epochs after which the self-teacher distils
+    temperature: float = 2.0
+    kd_weight: float = 1.0  #: weight of the student's distillation term
+    teacher_weight: float = 1.0  #: weight of the teacher's cross-entropy
+    freeze_bn_epochs: int = 2
+    freeze_observer_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prune_end <= self.phase2 <= 1.0:
+            raise ConfigError(f"pqk: need 0 <= prune_end ({self.prune_end}) <= phase2 ({self.phase2}) <= 1: the "
+                              "masks must be final before the self-teacher starts; fix pqk.prune_end/pqk.phase2")
+
+
+class PQKModel(nn.Module):
+    """The student being trained plus the teacher's own batch norms.
+
+    Holding both in one module puts the teacher's norms into the main optimizer, the learning-rate
+    schedule and the checkpoints without any special case in the loop.
+    """
+
+    def __init__(self, student: nn.Module, teacher_norms: nn.ModuleList) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher_norms = teacher_norms
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x)
+
+
+class PQK(Method):
+    """Prune + int8 QAT (phase 1), then distillation from the pruned weights added back (phase 2)."""
+
+    name = "pqk"
+    order = 1
+    quantizes = True
+
+    def __init__(self, options: PQKOptions, context: StageContext) -> None:
+        self.options = options
+        self.pruning = PruneMethod(PruneOptions(sparsity=options.sparsity, scope=options.scope, end=options.prune_end,
+                                                every=options.every), keep_pruned_values=True)
+        self.qat = QATMethod(context.input_shape, QATConfig(freeze_bn_epochs=options.freeze_bn_epochs,
+                                                            freeze_observer_epochs=options.freeze_observer_epochs))
+        self.distillation = Distillation(SelfTeacher(self.teacher_logits), temperature=options.temperature,
+                                         weight=options.kd_weight)
+        self.float_model: nn.Module | None = None
+        self.norm_names: list[str] = []
+        self.teacher_norms = nn.ModuleList()
+        self.teaching = False
+        self.teacher_ready = False
+
+    @classmethod
+    def build(cls, options: Mapping[str, Any], context: StageContext) -> PQK:
+        return cls(parse_options(PQKOptions, options, cls.name), context)
+
+    # -- the two paths
+
+    def _float(self) -> nn.Module:
+        if self.float_model is None:
+            raise ConfigError("pqk: the model was not wrapped yet; the stage wraps it before training")
+        return self.float_model
+
+    def teacher_logits(self, x: Tensor) -> Tensor:
+        """The dense float network with the teacher's norms; gradients reach only pruned weights."""
+        model = self._float()
+        pruned = {id(module.weight): module.get_buffer(MASK) for module in self.pruning.layers.values()}
+        tensors: dict[str, Tensor] = {}
+        for name, weight in model.named_parameters():
+            mask = pruned.get(id(weight))
+            tensors[name] = weight.detach() if mask is None else torch.where(mask, weight.detach(), weight)
+        for name, norm in zip(self.norm_names, self.teacher_norms, strict=True):
+            tensors.update({f"{name}.{key}": value for key, value in norm.state_dict(keep_vars=True).items()})
+        model.train()
+        return torch.func.functional_call(model, tensors, (x,))
+
+    @torch.no_grad()
+    def _start_teacher(self) -> None:
+        """The teacher's norms start as copies of the student's when phase 2 begins."""
+        modules = dict(self._float().named_modules())
+        for name, norm in zip(self.norm_names, self.teacher_norms, strict=True):
+            norm.load_state_dict(modules[name].state_dict())
+        self.teacher_ready = True
+
+    # -- hook points
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        self.float_model = model
+        norms = [(name, module) for name, module in model.named_modules() if isinstance(module, _BATCH_NORMS)]
+        self.norm_names = [name for name, _ in norms]
+        self.teacher_norms = nn.ModuleList(_copy_norm(module) for _, module in norms)
+        student = self.qat.wrap_model(self.pruning.wrap_model(model))
+        return PQKModel(student, self.teacher_norms)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self._float()
+
+    def setup(self, trainer: Trainer) -> None:
+        self.pruning.setup(trainer)
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        self.qat.on_epoch_start(trainer, epoch)
+        self.teaching = epoch >= round(self.options.phase2 * trainer.config.train.epochs)
+        if self.teaching and not self.teacher_ready:
+            self._start_teacher()
+
+    def forward(self, trainer: Trainer, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+        outputs = self.pruning.forward(trainer, model, x)
+        if self.teaching:
+            outputs["teacher_logits"] = self.teacher_logits(x)
+        return outputs
+
+    def extra_losses(self, trainer: Trainer, outputs: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+        from asc.train.loop import task_loss
+
+        if not self.teaching:
+            return {}
+        losses = self.distillation.extra_losses(trainer, outputs, targets)
+        losses["teacher"] = self.options.teacher_weight * task_loss(outputs["teacher_logits"], trainer.batch)
+        return losses
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.pruning.after_step(trainer)
+
+    def eval_forward(self, trainer: Trainer, model: nn.Module, x: Tensor) -> Tensor:
+        return self.pruning.eval_forward(trainer, model, x)
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        student = model.student if isinstance(model, PQKModel) else model
+        return self.qat.finalize(self.pruning.finalize(student))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pruning": self.pruning.state_dict(), "qat": self.qat.state_dict(), "teacher_ready": self.teacher_ready}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pruning.load_state_dict(state["pruning"])
+        self.qat.load_state_dict(state["qat"])
+        self.teacher_ready = bool(state["teacher_ready"])
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self.options)
+
+
+def _copy_norm(norm: nn.Module) -> nn.Module:
+    copy = type(norm)(norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                      track_running_stats=norm.track_running_stats)
+    copy.load_state_dict(norm.state_dict())
+    return copy.to(next(iter(norm.state_dict().values())).device)

@@ -1,0 +1,209 @@
+"""The compression stage: PQK's two paths and gradient routing, finalization, and `asc compress`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asc.cli import main
+from asc.complexity import run_complexity
+from asc.compress.base import StageContext
+from asc.compress.pqk import PQK, PQKModel, PQKOptions
+from asc.compress.quant import int8_conv_weights
+from asc.compress.stage import build_methods, compress_run, split_overrides
+from asc.config import RunConfig, load_config
+from asc.errors import ConfigError
+from asc.models import BCResNetMod
+from asc.train.checkpoint import FINALIZED_NAME, FinalizedModule
+from asc.train.evaluate import evaluate_run, load_run_model
+from asc.train.loop import BatchInfo, train_or_resume
+
+SHAPE = (1, 32, 40)
+EPOCHS, STEPS_PER_EPOCH = 4, 2
+
+
+def stub_trainer(labels: torch.Tensor) -> SimpleNamespace:
+    """The few trainer attributes PQK reads, so its hooks can be driven step by step."""
+    batch = BatchInfo(indices=torch.arange(len(labels)), labels=labels, devices=torch.zeros_like(labels), mix=None)
+    return SimpleNamespace(steps_per_epoch=STEPS_PER_EPOCH, step=0, batch=batch,
+                           config=SimpleNamespace(train=SimpleNamespace(epochs=EPOCHS)))
+
+
+@pytest.fixture
+def pqk_in_phase2() -> SimpleNamespace:
+    """A width-8 BC-ResNet-Mod under PQK at 50 % sparsity, masks final, self-teacher started."""
+    torch.manual_seed(0)
+    options = PQKOptions(sparsity=0.5, prune_end=0.0, phase2=0.5, freeze_bn_epochs=0, freeze_observer_epochs=0)
+    pqk = PQK(options, StageContext(Path("unused"), SHAPE, EPOCHS))
+    float_model = BCResNetMod(width=8, num_classes=4)
+    model = pqk.wrap_model(float_model)
+    x, y = torch.randn(16, *SHAPE), torch.arange(16) % 4
+    trainer = stub_trainer(y)
+    pqk.setup(trainer)
+    pqk.on_epoch_start(trainer, 0)
+    assert not pqk.teaching
+    pqk.on_epoch_start(trainer, EPOCHS // 2)
+    assert pqk.teaching and pqk.teacher_ready
+    return SimpleNamespace(pqk=pqk, model=model, float_model=float_model, trainer=trainer, x=x, y=y)
+
+
+def gradients_of(setup: SimpleNamespace, which: str) -> None:
+    setup.model.train()
+    setup.model.zero_grad(set_to_none=True)
+    outputs = setup.pqk.forward(setup.trainer, setup.model, setup.x)
+    losses = setup.pqk.extra_losses(setup.trainer, outputs, setup.y)
+    if which == "teacher":
+        losses["teacher"].backward()
+    else:
+        (F.cross_entropy(outputs["logits"], setup.y) + losses["kd"]).backward()
+
+
+def test_masks_reach_the_target_and_the_teacher_starts_from_the_student_norms(pqk_in_phase2):
+    pqk = pqk_in_phase2.pqk
+    kept = sum(int(mask.sum()) for mask in pqk.pruning.masks.values())
+    total = sum(mask.numel() for mask in pqk.pruning.masks.values())
+    assert kept == total - round(0.5 * total)
+    student_norms = dict(pqk_in_phase2.float_model.named_modules())
+    for name, teacher in zip(pqk.norm_names, pqk.teacher_norms, strict=True):
+        torch.testing.assert_close(teacher.running_var, student_norms[name].running_var, rtol=0, atol=0)
+        assert teacher.weight is not student_norms[name].weight
+
+
+def test_teacher_loss_updates_only_the_pruned_weights_and_the_teacher_norms(pqk_in_phase2):
+    gradients_of(pqk_in_phase2, "teacher")
+    pqk = pqk_in_phase2.pqk
+    for name, module in pqk.pruning.layers.items():
+        grad, mask = module.weight.grad, module.weight_mask
+        assert grad[mask].abs().max() == 0, name
+        assert grad[~mask].abs().sum() > 0, name
+    masked = {id(module.weight) for module in pqk.pruning.layers.values()}
+    for name, parameter in pqk_in_phase2.float_model.named_parameters():
+        if id(parameter) not in masked:  # stem, classifier and the student's norms stay the student's
+            assert parameter.grad is None or parameter.grad.abs().max() == 0, name
+    assert all(norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0 for norm in pqk.teacher_norms)
+
+
+def test_student_losses_update_only_the_kept_weights_and_never_the_teacher_norms(pqk_in_phase2):
+    gradients_of(pqk_in_phase2, "student")
+    pqk = pqk_in_phase2.pqk
+    for name, module in pqk.pruning.layers.items():
+        grad, mask = module.weight.grad, module.weight_mask
+        assert grad[~mask].abs().max() == 0, name
+        assert grad[mask].abs().sum() > 0, name
+    assert all(norm.weight.grad is None for norm in pqk.teacher_norms)
+
+
+def test_distillation_term_is_nonzero_in_phase_two(pqk_in_phase2):
+    setup = pqk_in_phase2
+    outputs = setup.pqk.forward(setup.trainer, setup.model, setup.x)
+    losses = setup.pqk.extra_losses(setup.trainer, outputs, setup.y)
+    assert losses["kd"].item() > 1e-4
+    assert set(losses) == {"kd", "teacher"}
+
+
+@pytest.mark.slow
+def test_finalized_student_equals_the_simulated_deploy_path_and_keeps_the_sparsity(pqk_in_phase2):
+    setup = pqk_in_phase2
+    optimizer = torch.optim.SGD(setup.model.parameters(), lr=0.05, momentum=0.9)
+    pruned_before = {name: module.weight[~module.weight_mask].clone() for name, module in setup.pqk.pruning.layers.items()}
+    for _ in range(3):
+        setup.model.train()
+        outputs = setup.pqk.forward(setup.trainer, setup.model, setup.x)
+        loss = F.cross_entropy(outputs["logits"], setup.y)
+        loss = loss + sum(setup.pqk.extra_losses(setup.trainer, outputs, setup.y).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    changed = [not torch.equal(module.weight[~module.weight_mask], pruned_before[name])
+               for name, module in setup.pqk.pruning.layers.items()]
+    assert all(changed)  # the teacher trained the pruned weights; they were kept, not zeroed
+    setup.model.eval()
+    x_test = torch.randn(8, *SHAPE)
+    with torch.no_grad():
+        simulated = setup.pqk.eval_forward(setup.trainer, setup.model, x_test)
+        finalized = setup.pqk.finalize(setup.model)
+        torch.testing.assert_close(finalized(x_test), simulated, rtol=0, atol=1e-5)
+    weights = int8_conv_weights(finalized)
+    zeros = sum(int((w.q == 0).sum()) for w in weights)
+    assert zeros >= round(0.5 * sum(mask.numel() for mask in setup.pqk.pruning.masks.values()))
+    assert isinstance(setup.model, PQKModel)  # finalizing worked on a copy
+
+
+def test_overrides_split_into_run_settings_and_method_options():
+    run, options = split_overrides(["train.epochs=3", "pqk.sparsity=0.7", "optim.lr=0.01"], ["pqk"])
+    assert run == ["train.epochs=3", "optim.lr=0.01"]
+    assert options == {"pqk": {"sparsity": 0.7}}
+    with pytest.raises(ConfigError, match="prefix it with one of"):
+        split_overrides(["prune.sparsity=0.5"], ["pqk"])
+
+
+@pytest.mark.parametrize("names, message", [
+    ([], "at least one"), (["zip"], "unknown compression method"), (["qat", "qat"], "twice"),
+    (["pqk", "prune"], "do the same job"),
+])
+def test_method_lists_are_validated(names, message):
+    with pytest.raises(ConfigError, match=message):
+        build_methods(names, {}, StageContext(Path("unused"), SHAPE, 1))
+
+
+def test_bad_method_options_name_the_key():
+    with pytest.raises(ConfigError, match="pqk.sparsit"):
+        build_methods(["pqk"], {"pqk": {"sparsit": 0.5}}, StageContext(Path("unused"), SHAPE, 1))
+    with pytest.raises(ConfigError, match="prune_end"):
+        build_methods(["pqk"], {"pqk": {"prune_end": 0.9, "phase2": 0.5}}, StageContext(Path("unused"), SHAPE, 1))
+
+
+# ------------------------------------------------------------------------------- the stage end to end
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_overrides, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("compress") / "base"
+    train_or_resume(load_config(RunConfig, None, tiny_overrides(epochs=2)), run, progress=False)
+    return run
+
+
+@pytest.mark.slow
+def test_pqk_stage_writes_a_finalized_int8_run(trained_run: Path, capsys):
+    out = trained_run.with_name("pqk")
+    code = main(["compress", str(trained_run), "--method", "pqk", "--out", str(out), "-q", "train.epochs=2",
+                 "optim.lr=0.01", "pqk.sparsity=0.8", "pqk.freeze_bn_epochs=1"])
+    assert code == 0
+    assert "int8 model" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["precision"] == "int8"
+    size = report["complexity"]
+    assert size["bytes"] == size["params"]  # int8: one byte per weight
+    assert size["nonzero_params"] < 0.45 * size["params"]
+    model, state = load_run_model(out)
+    assert isinstance(model, FinalizedModule) and state["precision"] == "int8"
+    assert evaluate_run(out, progress=False).accuracy == pytest.approx(report["metrics"]["accuracy"], abs=1e-9)
+    assert run_complexity(out).nonzero_bytes == size["nonzero_bytes"]
+    assert compress_run(trained_run, out, ["pqk"], ["train.epochs=2", "optim.lr=0.01", "pqk.sparsity=0.8",
+                                                    "pqk.freeze_bn_epochs=1"], progress=False) == "finished"
+
+
+@pytest.mark.slow
+def test_structured_qat_kd_stage_makes_the_model_physically_smaller(trained_run: Path):
+    out = trained_run.with_name("structured")
+    assert compress_run(trained_run, out, ["kd", "qat", "structured"],
+                        ["train.epochs=1", "structured.ratio=0.5", "structured.round_to=2", "qat.freeze_bn_epochs=0",
+                         "qat.freeze_observer_epochs=0"], progress=False) == "compressed"
+    source = run_complexity(trained_run)
+    compressed = json.loads((out / "report.json").read_text())["complexity"]
+    assert compressed["params"] < 0.5 * source.params
+    assert compressed["bytes"] == compressed["params"]
+    plan = (out / "compress.yaml").read_text()
+    assert plan.index("structured") < plan.index("qat") < plan.index("kd")  # pipeline order, not argument order
+    assert (out / FINALIZED_NAME).is_file()
+
+
+def test_compress_refuses_what_is_not_a_trained_run(tmp_path: Path, capsys):
+    assert main(["compress", str(tmp_path), "--method", "pqk"]) == 2
+    error = capsys.readouterr().err
+    assert "not a trained run" in error and len(error.strip().splitlines()) == 1
