@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy.special import log_softmax
 
 from asc.data.clips import DEVICE_GROUPS, device_vocabulary
 
@@ -61,11 +62,6 @@ class Metrics:
         return cls(**{**data, **scores})
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 def _score(log_probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> Score:
     n = int(mask.sum())
     if n == 0:
@@ -88,7 +84,7 @@ def compute_metrics(logits: np.ndarray, labels: Sequence[int] | np.ndarray, devi
     devices_arr = np.asarray(devices, dtype=object)
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) != len(devices_arr):
         raise ValueError(f"shape mismatch: logits {logits.shape}, {len(labels)} labels, {len(devices_arr)} devices")
-    log_probs = log_softmax(logits)
+    log_probs = log_softmax(logits, axis=1)
     everything = np.ones(len(labels), dtype=bool)
     overall = _score(log_probs, labels, everything)
 

@@ -1,0 +1,317 @@
+"""Torch-free inference on an exported bundle: numpy, onnxruntime and the shared audio/front-end code.
+
+This is what ``asc classify``, the ``export/`` example and a phone app's Python twin run. It must
+import without torch (a test blocks the import), so a deployment machine needs only onnxruntime,
+numpy, soundfile and librosa. Everything it needs to know comes from ``bundle.json``.
+
+How a recording becomes one answer:
+
+1. decode, mix to mono and resample to the bundle's rate (:mod:`asc.audio`);
+2. cut into clip-length windows every ``hop`` samples (:func:`window_starts`);
+3. compute log-mel outside the graph when the bundle's front end is not inside it
+   (:func:`asc.feature_spec.log_mel`);
+4. run the windows through onnxruntime in batches;
+5. average the windows' log-probabilities and renormalise. Treating windows as independent
+   evidence about one scene, that is the normalised product of their probabilities (a geometric
+   mean): a label wins by being likely in most windows, and the answer is still a distribution.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from scipy.special import log_softmax, softmax
+
+from asc.audio import fit_length, load_audio, resample
+from asc.bundle_manifest import BundleManifest
+from asc.errors import AscError, ConfigError
+from asc.feature_spec import log_mel
+
+PathLike = str | os.PathLike[str]
+
+_REEXPORT = "re-export the bundle with `asc export`"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One label and its probability."""
+
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True, eq=False)
+class WindowResult:
+    """The model's answer for one clip-length window of a recording.
+
+    ``start``/``end`` are seconds in the recording; ``end`` stops at the recording's end when the
+    window was zero-padded (only a recording shorter than one clip is padded).
+    """
+
+    start: float
+    end: float
+    logits: np.ndarray  #: raw model output, ``(n_labels,)``
+    probabilities: np.ndarray  #: softmax of ``logits``
+    top: tuple[Prediction, ...]
+
+    @property
+    def label(self) -> str:
+        return self.top[0].label
+
+    @property
+    def probability(self) -> float:
+        return self.top[0].probability
+
+
+@dataclass(frozen=True, eq=False)
+class ClipResult:
+    """The answer for a whole recording: windows aggregated by mean log-probability.
+
+    ``probabilities`` is ``softmax(mean_w log_softmax(logits_w))``; ``windows`` keeps the
+    per-window answers in time order (empty when the caller dropped them).
+    """
+
+    source: str
+    duration: float  #: seconds of audio, at the bundle's sample rate
+    probabilities: np.ndarray
+    top: tuple[Prediction, ...]
+    windows: tuple[WindowResult, ...]
+
+    @property
+    def label(self) -> str:
+        return self.top[0].label
+
+    @property
+    def probability(self) -> float:
+        return self.top[0].probability
+
+
+def window_starts(num_samples: int, clip_samples: int, hop_samples: int) -> list[int]:
+    """Start samples of the windows that cover ``num_samples`` of audio.
+
+    Windows start every ``hop_samples``. If audio remains after the last whole window, one more
+    window is aligned to the end of the recording rather than zero-padded: the model was trained
+    on clips full of sound, and a half-silent window would be an input it never saw. Only a
+    recording shorter than one clip yields a (single) zero-padded window.
+    """
+    if clip_samples <= 0 or hop_samples <= 0:
+        raise ConfigError(f"windows: clip_samples={clip_samples} and hop_samples={hop_samples} must be > 0")
+    if num_samples <= clip_samples:
+        return [0]
+    starts = list(range(0, num_samples - clip_samples + 1, hop_samples))
+    if starts[-1] + clip_samples < num_samples:
+        starts.append(num_samples - clip_samples)
+    return starts
+
+
+def top_predictions(probabilities: np.ndarray, labels: list[str], k: int) -> tuple[Prediction, ...]:
+    """The ``k`` most probable labels, best first (ties keep label order)."""
+    if k < 1:
+        raise ConfigError(f"top_k={k} must be >= 1")
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return tuple(Prediction(labels[i], float(probabilities[i])) for i in order)
+
+
+class Classifier:
+    """An onnxruntime CPU session on a bundle folder, plus the windowing and aggregation around it.
+
+    One session is created and reused, so opening costs once and each call only runs the model.
+    ``threads`` is onnxruntime's intra-op thread count; the default 1 is what a phone app should
+    start from (small CNNs gain little from more threads, and the app keeps cores for itself).
+    ``hop_seconds`` defaults to the clip length: adjacent, non-overlapping windows.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: PathLike,
+        *,
+        threads: int = 1,
+        batch_size: int = 16,
+        hop_seconds: float | None = None,
+    ) -> None:
+        if threads < 1:
+            raise ConfigError(f"threads={threads} must be >= 1")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} must be >= 1")
+        if hop_seconds is not None and not hop_seconds > 0:
+            raise ConfigError(f"hop={hop_seconds} seconds must be > 0")
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = BundleManifest.read(self.bundle_dir)
+        self.features = self.manifest.features
+        if self.features.sample_rate != self.manifest.sample_rate:
+            raise AscError(
+                f"{self.bundle_dir / 'bundle.json'}: front-end sample rate {self.features.sample_rate} "
+                f"differs from the bundle's {self.manifest.sample_rate}; {_REEXPORT}"
+            )
+        self.hop_samples = (
+            self.clip_samples if hop_seconds is None else max(1, round(hop_seconds * self.sample_rate))
+        )
+        self.model_path, self._session = self._open_session(threads)
+        self._fixed_batch = self._check_io()
+        self._batch_size = self._fixed_batch or batch_size
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.labels
+
+    @property
+    def sample_rate(self) -> int:
+        return self.manifest.sample_rate
+
+    @property
+    def clip_samples(self) -> int:
+        return self.manifest.clip_samples
+
+    def logits(self, clips: np.ndarray) -> np.ndarray:
+        """Model output ``(n, n_labels)`` for mono clips ``(n, clip_samples)`` at the bundle's rate.
+
+        Applies the front end here when the bundle's graph does not contain it, and runs in
+        batches so memory stays bounded on long recordings.
+        """
+        clips = np.asarray(clips, dtype=np.float32)
+        if clips.ndim != 2 or clips.shape[1] != self.clip_samples:
+            raise ConfigError(f"logits: expected clips of shape (n, {self.clip_samples}), got {clips.shape}")
+        outputs = []
+        for first in range(0, len(clips), self._batch_size):
+            batch = clips[first : first + self._batch_size]
+            real = len(batch)
+            if self._fixed_batch is not None and real < self._fixed_batch:
+                batch = np.pad(batch, ((0, self._fixed_batch - real), (0, 0)))
+            model_input = batch if self.manifest.frontend_in_graph else log_mel(batch, self.features)[:, None]
+            (output,) = self._session.run([self.manifest.output_name], {self.manifest.input_name: model_input})
+            outputs.append(np.asarray(output, dtype=np.float32).reshape(len(batch), -1)[:real])
+        logits = np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)), np.float32)
+        if logits.shape[1] != len(self.labels):
+            raise AscError(
+                f"{self.model_path}: model gives {logits.shape[1]} outputs but bundle.json lists "
+                f"{len(self.labels)} labels; {_REEXPORT}"
+            )
+        return logits
+
+    def classify_waveform(
+        self,
+        waveform: np.ndarray,
+        sample_rate: int,
+        *,
+        top_k: int = 3,
+        source: str = "<waveform>",
+    ) -> ClipResult:
+        """Classify ``(samples,)`` or ``(channels, samples)`` audio at any rate; channels are averaged."""
+        audio = np.asarray(waveform, dtype=np.float32)
+        if audio.ndim not in (1, 2):
+            raise AscError(f"{source}: expected (samples,) or (channels, samples) audio, got shape {audio.shape}; "
+                           "pass a mono or channels-first array")
+        if audio.ndim == 2:
+            audio = audio.mean(axis=0)
+        if audio.size == 0:
+            raise AscError(f"{source}: audio has no samples; pass a non-empty recording")
+        if not np.isfinite(audio).all():
+            raise AscError(f"{source}: audio contains NaN or infinite samples; fix the source signal")
+        return self._classify_mono(resample(audio, sample_rate, self.sample_rate), top_k, source)
+
+    def classify_file(self, path: PathLike, *, top_k: int = 3) -> ClipResult:
+        """Classify an audio file; any problem with the file is one :class:`~asc.errors.AudioError`."""
+        audio, _ = load_audio(path, self.sample_rate, mono=True)
+        return self._classify_mono(audio, top_k, str(path))
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _classify_mono(self, audio: np.ndarray, top_k: int, source: str) -> ClipResult:
+        starts = window_starts(len(audio), self.clip_samples, self.hop_samples)
+        clips = np.stack([fit_length(audio[start : start + self.clip_samples], self.clip_samples)
+                          for start in starts])
+        logits = self.logits(clips)
+        log_probs = log_softmax(logits.astype(np.float64), axis=1)
+        windows = tuple(
+            WindowResult(
+                start=start / self.sample_rate,
+                end=min(start + self.clip_samples, len(audio)) / self.sample_rate,
+                logits=window_logits,
+                probabilities=np.exp(window_log_probs),
+                top=top_predictions(np.exp(window_log_probs), self.labels, top_k),
+            )
+            for start, window_logits, window_log_probs in zip(starts, logits, log_probs, strict=True)
+        )
+        probabilities = softmax(log_probs.mean(axis=0))
+        return ClipResult(
+            source=source,
+            duration=len(audio) / self.sample_rate,
+            probabilities=probabilities,
+            top=top_predictions(probabilities, self.labels, top_k),
+            windows=windows,
+        )
+
+    def _open_session(self, threads: int) -> tuple[Path, ort.InferenceSession]:
+        """Prefer the ORT-format file (faster load); fall back to the ONNX file if it will not load.
+
+        An ORT-format file is tied to the onnxruntime version that wrote it, so a newer or older
+        runtime may refuse it while the ONNX file still loads.
+        """
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: the runtime's own messages say what matters
+        model_path = self.bundle_dir / self.manifest.model_file
+        ort_file = self.manifest.ort_file
+        if ort_file and (self.bundle_dir / ort_file).is_file():
+            try:
+                return self.bundle_dir / ort_file, _session(self.bundle_dir / ort_file, options)
+            except AscError as error:
+                warnings.warn(f"{error}; using {model_path.name} instead", RuntimeWarning, stacklevel=3)
+        return model_path, _session(model_path, options)
+
+    def _check_io(self) -> int | None:
+        """Check the graph's input/output against bundle.json; return its fixed batch size, if any.
+
+        A graph exported with a fixed batch dimension runs exactly that many windows per call
+        (the last batch is zero-padded), whatever ``batch_size`` asks for.
+        """
+        manifest, where = self.manifest, self.model_path
+        if manifest.frontend_in_graph:
+            expected: list[int | str] = ["batch", self.clip_samples]
+        else:
+            expected = ["batch", 1, self.features.n_mels, self.features.num_frames(self.clip_samples)]
+        if list(manifest.input_shape[1:]) != expected[1:]:
+            raise AscError(
+                f"{self.bundle_dir / 'bundle.json'}: input_shape {manifest.input_shape} does not match "
+                f"the clip length and front end (expected {expected}); {_REEXPORT}"
+            )
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != manifest.input_name:
+            raise AscError(f"{where}: model inputs {[i.name for i in inputs]} are not [{manifest.input_name!r}] "
+                           f"as bundle.json says; {_REEXPORT}")
+        if inputs[0].type != "tensor(float)":
+            raise AscError(f"{where}: model input is {inputs[0].type}, expected tensor(float); {_REEXPORT}")
+        if _dims(inputs[0].shape) != _dims(manifest.input_shape):
+            raise AscError(f"{where}: model input shape {inputs[0].shape} differs from bundle.json's "
+                           f"{manifest.input_shape}; {_REEXPORT}")
+        outputs = {output.name: output for output in self._session.get_outputs()}
+        if manifest.output_name not in outputs:
+            raise AscError(f"{where}: no output named {manifest.output_name!r} (has {sorted(outputs)}); "
+                           f"{_REEXPORT}")
+        classes = outputs[manifest.output_name].shape[-1] if outputs[manifest.output_name].shape else None
+        if isinstance(classes, int) and classes != len(manifest.labels):
+            raise AscError(f"{where}: model gives {classes} outputs but bundle.json lists "
+                           f"{len(manifest.labels)} labels; {_REEXPORT}")
+        batch_dim = inputs[0].shape[0]
+        return batch_dim if isinstance(batch_dim, int) else None
+
+
+def _session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 -- onnxruntime's load errors share no base class but Exception
+        reason = " ".join(str(error).split())[:300]
+        raise AscError(f"{path}: onnxruntime cannot load the model ({reason}); {_REEXPORT}") from None
+
+
+def _dims(shape: list[int | str | None]) -> list[int | None]:
+    """Fixed dimensions as ints, symbolic ones (``"batch"``, ``None``) as ``None``."""
+    return [dim if isinstance(dim, int) else None for dim in shape]

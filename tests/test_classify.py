@@ -1,0 +1,250 @@
+"""``asc classify`` logic: file discovery, per-file failures that do not stop the batch, output formats.
+
+The bundle here is built with onnx.helper, no torch: a log-mel "band energy" classifier whose
+logit for ``low``/``mid``/``high`` is the mean log-mel of that frequency range minus the mean of
+all bands. A pure tone therefore has a known right answer, so the tests can check labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import librosa
+import numpy as np
+import onnx
+import pytest
+import soundfile as sf
+from onnx import TensorProto, helper, numpy_helper
+
+from asc.bundle_manifest import BundleManifest
+from asc.classify import (
+    AUDIO_EXTENSIONS,
+    classify_paths,
+    find_audio_files,
+    format_results,
+)
+from asc.errors import ConfigError
+from asc.feature_spec import FeatureConfig
+from asc.runtime import Classifier, ClipResult
+
+RATE = 16000
+FEATURES = FeatureConfig(sample_rate=RATE, n_fft=512, hop_length=256, n_mels=40)
+LABELS = ["low", "mid", "high"]
+TONES = {"low": 250.0, "mid": 1200.0, "high": 5000.0}
+BAND_EDGES = (500.0, 2500.0)  # Hz between low|mid and mid|high
+
+
+def band_energy_model() -> onnx.ModelProto:
+    frames = FEATURES.num_frames(RATE)
+    centres = librosa.mel_frequencies(FEATURES.n_mels + 2, fmax=RATE / 2)[1:-1]
+    group = np.digitize(centres, BAND_EDGES)  # 0 low, 1 mid, 2 high
+    weights = np.stack([(group == g) / (group == g).sum() for g in range(3)], axis=1) - 1 / FEATURES.n_mels
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["log_mel"], ["bands"], axes=[1, 3], keepdims=0),
+            helper.make_node("MatMul", ["bands", "weights"], ["scores"]),
+            helper.make_node("Mul", ["scores", "gain"], ["logits"]),
+        ],
+        "band_energy",
+        [helper.make_tensor_value_info("log_mel", TensorProto.FLOAT, ["batch", 1, FEATURES.n_mels, frames])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(LABELS)])],
+        [numpy_helper.from_array(weights.astype(np.float32), "weights"),
+         numpy_helper.from_array(np.array(1.0, np.float32), "gain")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
+    folder = tmp_path_factory.mktemp("band-bundle")
+    onnx.save(band_energy_model(), folder / "model.onnx")
+    manifest = BundleManifest(
+        labels=LABELS, sample_rate=RATE, clip_samples=RATE, frontend=FEATURES.to_dict(), frontend_in_graph=False,
+        precision="fp32", input_name="log_mel", input_shape=["batch", 1, FEATURES.n_mels, FEATURES.num_frames(RATE)],
+    )
+    (folder / "bundle.json").write_text(manifest.to_json())
+    return Classifier(folder)
+
+
+def tone(label: str, seconds: float, rate: int = RATE, channels: int = 1) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    signal = 0.3 * np.sin(2 * np.pi * TONES[label] * t) + 0.001 * np.random.default_rng(0).standard_normal(len(t))
+    return np.repeat(signal[:, None], channels, axis=1).astype(np.float32)
+
+
+def good_files(root: Path) -> dict[Path, tuple[str, int]]:
+    """Writes recordings of known label; returns path -> (label, number of windows)."""
+    files = {
+        root / "low.wav": ("low", 2.5, RATE, 1, "PCM_16"),
+        root / "sub" / "high.flac": ("high", 1.0, 44100, 1, "PCM_24"),
+        root / "sub" / "deeper" / "MID.WAV": ("mid", 0.5, 8000, 2, "FLOAT"),
+        root / "mid48k.ogg": ("mid", 3.0, 48000, 2, "VORBIS"),
+    }
+    for path, (label, seconds, rate, channels, subtype) in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, tone(label, seconds, rate, channels), rate, subtype=subtype,
+                 format="OGG" if subtype == "VORBIS" else None)
+    return {path: (label, max(1, math.ceil(seconds))) for path, (label, seconds, *_) in files.items()}
+
+
+def bad_files(root: Path) -> dict[Path, str]:
+    """Writes files that cannot be classified; returns path -> the problem the failure must name."""
+    sf.write(root / "whole.wav", tone("low", 1.0), RATE, subtype="PCM_16")
+    corrupt = root / "corrupt.wav"
+    corrupt.write_bytes((root / "whole.wav").read_bytes()[:20000])  # an interrupted copy
+    (root / "whole.wav").unlink()
+    (root / "empty.flac").write_bytes(b"")
+    (root / "sub").mkdir(exist_ok=True)
+    (root / "sub" / "text.ogg").write_text("this is a text file with an audio extension\n")
+    (root / "notes.txt").write_text("not searched: no audio extension\n")
+    return {corrupt: "truncated", root / "empty.flac": "empty", root / "sub" / "text.ogg": "not a readable audio file"}
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def test_find_audio_files_order_filters_and_failures(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for name in ("b.wav", "a.FLAC", "sub/c.ogg", "sub/a.mp3", ".hidden.wav", "._b.wav", ".cache/d.wav", "notes.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    named = tmp_path / "named.txt"
+    named.write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    files, failures = find_audio_files([root, named, root / "b.wav", tmp_path / "missing.wav", tmp_path / "empty"])
+    extensions = ", ".join(sorted(ext.lstrip(".") for ext in AUDIO_EXTENSIONS))
+    expected = ["a.FLAC", "b.wav"] + (["sub/a.mp3"] if ".mp3" in AUDIO_EXTENSIONS else []) + ["sub/c.ogg"]
+    assert files == [root / name for name in expected] + [named]  # a named file is always tried
+    assert [str(f) for f in failures] == [
+        f"{tmp_path / 'missing.wav'}: no such file or folder; check the path",
+        f"{tmp_path / 'empty'}: no audio files ({extensions}) in this folder; point at a folder of recordings",
+    ]
+    assert {".wav", ".flac", ".ogg"} <= AUDIO_EXTENSIONS
+
+
+# ---------------------------------------------------------------- batch classification
+
+
+def test_bad_files_fail_one_line_each_and_the_rest_succeed(classifier: Classifier, tmp_path: Path) -> None:
+    good = good_files(tmp_path)
+    bad = bad_files(tmp_path)
+    results, failures = classify_paths(classifier, [tmp_path], windows=True, top_k=2, progress=False)
+    assert [Path(r.source) for r in results] == sorted(good)
+    for result in results:
+        label, n_windows = good[Path(result.source)]
+        assert result.label == label and result.probability > 0.5
+        assert [p.label for p in result.top][:1] == [label] and len(result.top) == 2
+        assert len(result.windows) == n_windows
+        assert all(window.label == label for window in result.windows)
+    assert sorted(f.path for f in failures) == sorted(str(p) for p in bad)
+    for failure in failures:
+        message = str(failure)
+        assert message.startswith(f"{failure.path}: ") and "; " in message and "\n" not in message
+        assert bad[Path(failure.path)] in message
+
+
+def test_windows_are_kept_only_when_asked(classifier: Classifier, tmp_path: Path) -> None:
+    sf.write(tmp_path / "a.wav", tone("high", 3.0), RATE)
+    (with_windows,), _ = classify_paths(classifier, [tmp_path], windows=True, progress=False)
+    (without,), _ = classify_paths(classifier, [tmp_path], windows=False, progress=False)
+    assert [(w.start, w.end) for w in with_windows.windows] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]
+    assert without.windows == ()
+    assert np.array_equal(without.probabilities, with_windows.probabilities)
+
+
+def test_bad_options(classifier: Classifier, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="top_k=0"):
+        classify_paths(classifier, [tmp_path], top_k=0, progress=False)
+    with pytest.raises(ConfigError, match="format 'xml' is not one of table, json, csv"):
+        format_results([], "xml")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- formats
+
+
+@pytest.fixture(scope="module")
+def results(classifier: Classifier, tmp_path_factory: pytest.TempPathFactory) -> list[ClipResult]:
+    root = tmp_path_factory.mktemp("format-inputs")
+    sf.write(root / "a low.wav", tone("low", 2.5), RATE)  # a space in the name must survive every format
+    sf.write(root / "b.wav", tone("high", 0.5), RATE)
+    found, failures = classify_paths(classifier, [root], windows=True, top_k=3, progress=False)
+    assert not failures
+    return found
+
+
+def expected_rows(results: list[ClipResult], windows: bool) -> list[tuple]:
+    """(file, scope, start, end, [(label, probability), ...]) in output order."""
+    rows = []
+    for r in results:
+        rows.append((r.source, "clip", 0.0, r.duration, [(p.label, p.probability) for p in r.top]))
+        if windows:
+            rows += [(r.source, "window", w.start, w.end, [(p.label, p.probability) for p in w.top])
+                     for w in r.windows]
+    return rows
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_json_parses_back(results: list[ClipResult], windows: bool) -> None:
+    records = json.loads(format_results(results, "json", windows=windows))
+    assert [r["file"] for r in records] == [r.source for r in results]
+    for record, result in zip(records, results, strict=True):
+        assert record["label"] == result.label
+        assert record["probability"] == pytest.approx(result.probability, abs=1e-6)
+        assert record["duration"] == pytest.approx(result.duration)
+        assert [(t["label"], t["probability"]) for t in record["top_k"]] == [
+            (p.label, pytest.approx(p.probability, abs=1e-6)) for p in result.top]
+        if windows:
+            assert [(w["start"], w["end"], w["label"]) for w in record["windows"]] == [
+                (pytest.approx(w.start), pytest.approx(w.end), w.label) for w in result.windows]
+        else:
+            assert "windows" not in record
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_csv_parses_back(results: list[ClipResult], windows: bool) -> None:
+    reader = csv.DictReader(io.StringIO(format_results(results, "csv", windows=windows)))
+    assert reader.fieldnames == ["file", "scope", "start", "end", "label", "probability",
+                                 "label_2", "probability_2", "label_3", "probability_3"]
+    rows = list(reader)
+    expected = expected_rows(results, windows)
+    assert len(rows) == len(expected) == (len(results) + (4 if windows else 0))
+    for row, (file, scope, start, end, top) in zip(rows, expected, strict=True):
+        assert (row["file"], row["scope"]) == (file, scope)
+        assert (float(row["start"]), float(row["end"])) == (pytest.approx(start, abs=1e-3), pytest.approx(end, abs=1e-3))
+        for rank, (label, probability) in enumerate(top, start=1):
+            suffix = "" if rank == 1 else f"_{rank}"
+            assert row[f"label{suffix}"] == label
+            assert float(row[f"probability{suffix}"]) == pytest.approx(probability, abs=1e-6)
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_table_is_aligned_and_parses_back(results: list[ClipResult], windows: bool) -> None:
+    lines = format_results(results, "table", windows=windows).splitlines()
+    header = lines[0]
+    assert header.split() == ["file", "seconds", "label", "probability", "top-3"]
+    starts = [match.start() for match in re.finditer(r"\S+", header)]
+    cells = [[line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])] for line in lines[1:]]
+    expected = expected_rows(results, windows)
+    assert len(cells) == len(expected)
+    for row, (file, scope, start, end, top) in zip(cells, expected, strict=True):
+        assert row[0] == (file if scope == "clip" else "")
+        assert row[1] == (f"{end:.2f}" if scope == "clip" else f"{start:.2f}-{end:.2f}")
+        assert (row[2], float(row[3])) == (top[0][0], pytest.approx(top[0][1], abs=5e-4))
+        assert row[4] == ", ".join(f"{label} {probability:.3f}" for label, probability in top)
+
+
+def test_top_one_table_has_no_top_k_column(classifier: Classifier, tmp_path: Path) -> None:
+    sf.write(tmp_path / "x.wav", tone("mid", 1.0), RATE)
+    found, _ = classify_paths(classifier, [tmp_path / "x.wav"], top_k=1, progress=False)
+    lines = format_results(found, "table").splitlines()
+    assert lines[0].split() == ["file", "seconds", "label", "probability"]
+    assert lines[1].split()[-2] == "mid"
+    assert format_results([], "csv") == "file,scope,start,end,label,probability\n"
+    assert json.loads(format_results([], "json")) == []
