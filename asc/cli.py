@@ -213,6 +213,109 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_compress)
 
 
+# ----------------------------------------------------------------------------------------- export, classify
+
+
+def _export(args: argparse.Namespace) -> int:
+    from asc.export import run_export_command
+
+    run_export_command(args.run, args.out, int8=args.int8, frontend=args.frontend, force=args.force,
+                       checkpoint=args.checkpoint, calibration_clips=args.calibration_clips,
+                       parity_clips=args.parity_clips, progress=not args.quiet)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "export", help="write a verified ONNX bundle (fp32 or int8) for a phone or the runtime",
+        description="Convert a run's model (the finalized one for a compressed run) to ONNX, fp32 or int8 QDQ "
+        "(a QAT-trained model keeps its trained scales; otherwise post-training calibration on training clips), "
+        "check it against torch on held-out clips and write BUNDLE: model.onnx, model.ort, bundle.json, "
+        "parity.json. An int8 model whose top-1 agreement with fp32 is below 99 % is refused unless --force.")
+    parser.add_argument("run", type=Path, help="run folder (trained or compressed)")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced atomically)")
+    parser.add_argument("--int8", action="store_true", help="int8 QDQ instead of fp32")
+    parser.add_argument("--frontend", choices=("in-graph", "external"), default="external",
+                        help="external (default; the app or asc.runtime computes log-mel, 3-4x faster than onnxruntime's "
+                        "STFT, docs/export-latency.md) or in-graph (the model takes raw PCM)")
+    parser.add_argument("--force", action="store_true", help="write the bundle even if it fails the parity gate")
+    parser.add_argument("--checkpoint", default="last", help="checkpoint of a trained run (last, best)")
+    parser.add_argument("--calibration-clips", type=int, default=256, help="training clips for int8 calibration")
+    parser.add_argument("--parity-clips", type=int, default=512, help="held-out clips for the parity check")
+    _add_common(parser)
+    parser.set_defaults(handler=_export)
+
+
+def bundle_for(target: Path, *, progress: bool) -> Path:
+    """A bundle folder as is; for a run folder its cached ``RUN/bundle``, exported on first use."""
+    from asc.bundle_manifest import MANIFEST_NAME
+
+    if (target / MANIFEST_NAME).is_file():
+        return target
+    if not (target / "config.yaml").is_file():
+        raise AscError(f"{target}: neither a bundle (bundle.json) nor a run folder (config.yaml); "
+                       "point at the output of `asc export` or `asc train`")
+    bundle = target / "bundle"
+    if not (bundle / MANIFEST_NAME).is_file():
+        from asc.export import export_run, is_quantized_graph
+        from asc.train.evaluate import load_run_model
+
+        precision = "int8" if is_quantized_graph(load_run_model(target)[0]) else "fp32"
+        print(f"exporting {target} to {bundle} ({precision}, once)", file=sys.stderr)
+        export_run(target, bundle, precision=precision, progress=progress)
+    return bundle
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from asc.classify import classify_paths, format_results
+    from asc.runtime import Classifier
+
+    classifier = Classifier(bundle_for(args.target, progress=not args.quiet), threads=args.threads,
+                            hop_seconds=args.hop)
+    results, failures = classify_paths(classifier, args.paths, windows=args.windows, top_k=args.top_k,
+                                       progress=not args.quiet)
+    sys.stdout.write(format_results(results, args.format, windows=args.windows))
+    for failure in failures:
+        print(f"asc: error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _add_classify(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "classify", help="label WAV files or folders with a bundle or a run",
+        description="Classify audio files (any rate and channel count; folders are searched recursively) with "
+        "an exported bundle, without torch. Long recordings are cut into clip-length windows whose "
+        "log-probabilities are averaged. A file that cannot be read gets one error line and the others go on; "
+        "the exit status is then 1. Given a run folder, its bundle is exported once into RUN/bundle.")
+    parser.add_argument("target", type=Path, metavar="RUN_OR_BUNDLE", help="bundle folder or run folder")
+    parser.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="audio files or folders")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument("--windows", action="store_true", help="also print every window's result")
+    parser.add_argument("--top-k", type=int, default=3, help="labels to list per file")
+    parser.add_argument("--hop", type=float, default=None, help="seconds between windows (default: a clip)")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    _add_common(parser)
+    parser.set_defaults(handler=_classify)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from asc.bench import bench_bundle, format_bench
+
+    print(format_bench(bench_bundle(args.bundle, threads=tuple(args.threads), repeats=args.repeats)))
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "bench", help="latency of a bundle on this CPU",
+        description="Per-clip latency (median, p90), real-time factor, the front end's share of the time and "
+        "load time of model.onnx vs model.ort, for each thread count, measured round-robin in one run.")
+    parser.add_argument("bundle", type=Path, help="bundle folder written by asc export")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per configuration")
+    parser.set_defaults(handler=_bench)
+
+
 # ----------------------------------------------------------------------------------------- complexity
 
 
@@ -262,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_train(sub)
     _add_compress(sub)
+    _add_export(sub)
+    _add_classify(sub)
+    _add_bench(sub)
     _add_complexity(sub)
     return parser
 

@@ -19,7 +19,9 @@ from asc.compress.stage import build_methods, compress_run, split_overrides
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.models import BCResNetMod
-from asc.train.checkpoint import FINALIZED_NAME, FinalizedModule
+from torch.fx import GraphModule
+
+from asc.train.checkpoint import FINALIZED_NAME
 from asc.train.evaluate import evaluate_run, load_run_model
 from asc.train.loop import BatchInfo, train_or_resume
 
@@ -181,7 +183,7 @@ def test_pqk_stage_writes_a_finalized_int8_run(trained_run: Path, capsys):
     assert size["bytes"] == size["params"]  # int8: one byte per weight
     assert size["nonzero_params"] < 0.45 * size["params"]
     model, state = load_run_model(out)
-    assert isinstance(model, FinalizedModule) and state["precision"] == "int8"
+    assert isinstance(model, GraphModule) and state["precision"] == "int8"
     assert evaluate_run(out, progress=False).accuracy == pytest.approx(report["metrics"]["accuracy"], abs=1e-9)
     assert run_complexity(out).nonzero_bytes == size["nonzero_bytes"]
     assert compress_run(trained_run, out, ["pqk"], ["train.epochs=2", "optim.lr=0.01", "pqk.sparsity=0.8",
@@ -201,6 +203,11 @@ def test_structured_qat_kd_stage_makes_the_model_physically_smaller(trained_run:
     plan = (out / "compress.yaml").read_text()
     assert plan.index("structured") < plan.index("qat") < plan.index("kd")  # pipeline order, not argument order
     assert (out / FINALIZED_NAME).is_file()
+
+
+def test_qat_needs_an_epoch_to_measure_ranges(trained_run: Path):
+    with pytest.raises(ConfigError, match="freeze_observer_epochs=1"):
+        compress_run(trained_run, trained_run.with_name("qat-too-short"), ["qat"], ["train.epochs=1"], progress=False)
 
 
 def test_compress_refuses_what_is_not_a_trained_run(tmp_path: Path, capsys):

@@ -29,11 +29,18 @@ def test_recipe_stages_run_skip_and_report(tmp_path: Path, capsys: pytest.Captur
     args = ["--quick", "--quiet", "--out", str(out), f"data.cache_dir={tmp_path / 'cache'}", *TINY]
     assert recipe.main(args) == 0
     printed = capsys.readouterr().out
-    assert "=== stage 1: data" in printed and "=== stage 3: evaluate" in printed
+    assert "=== stage 1: data" in printed and "=== stage 5: evaluate" in printed
     assert "total" in printed and "unseen devices" in printed
-    report = json.loads((out / "evaluate" / "report.json").read_text())
+    report = json.loads((out / "evaluate" / "uncompressed" / "report.json").read_text())
     trained = json.loads((out / "train" / "report.json").read_text())
     assert report["metrics"]["accuracy"] == pytest.approx(trained["metrics"]["accuracy"])
+    # compress: both variants finalized; export: one bundle per model, int8 for the compressed ones
+    for variant in ("pqk", "structured"):
+        assert (out / "compress" / variant / "finalized.pt2").is_file()
+        assert f"| {variant} |" in (out / "evaluate" / "summary.md").read_text()
+        manifest = json.loads((out / "export" / variant / "bundle.json").read_text())
+        assert manifest["precision"] == "int8" and "top1_agreement" in manifest["metrics"]
+    assert json.loads((out / "export" / "uncompressed" / "bundle.json").read_text())["precision"] == "fp32"
     # the quick profile's translation was fitted from the corpus' paired clips and saved with the run
     assert (out / "train" / "translation.pt").is_file()
 

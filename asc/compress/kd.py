@@ -53,7 +53,8 @@ class ModelTeacher:
     """A frozen teacher network run on the same (augmented) inputs as the student."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model.eval()
+        model.eval()  # not chained: a finalized graph's eval() returns None
+        self.model = model
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
 

@@ -140,6 +140,7 @@ class PQK(Method):
         return self._float()
 
     def setup(self, trainer: Trainer) -> None:
+        self.qat.setup(trainer)
         self.pruning.setup(trainer)
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:

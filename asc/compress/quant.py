@@ -23,18 +23,12 @@ that ``convert_pt2e`` asks, so training and the exported int8 weights would disa
 from __future__ import annotations
 
 import copy
-import tempfile
-from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import logging
 
-import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
@@ -60,6 +54,9 @@ from torchao.quantization.pt2e.quantizer import (  # noqa: E402
 )
 
 from asc.errors import AscError, ConfigError  # noqa: E402
+from asc.export.onnx import export_onnx as export_qat_onnx  # noqa: E402, F401 -- ONNX lives in asc.export
+from asc.export.onnx import run_onnx  # noqa: E402, F401
+from asc.export.verify import FusionCensus, fusion_census  # noqa: E402, F401
 from asc.models.norms import FreqNorm  # noqa: E402
 from asc.train.hooks import TrainHook  # noqa: E402
 
@@ -357,6 +354,12 @@ class Int8QAT(TrainHook):
             raise AscError("Int8QAT: the model was not wrapped yet; call wrap_model (the Trainer does) first")
         return self.qat
 
+    def setup(self, trainer: Trainer) -> None:
+        epochs = trainer.config.train.epochs
+        if self.config.freeze_observer_epochs >= epochs:
+            raise ConfigError(f"QAT freeze_observer_epochs={self.config.freeze_observer_epochs} leaves none of the "
+                              f"{epochs} epochs to measure activation ranges; lower it below train.epochs")
+
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         bn, observers = self.config.phase(epoch, trainer.config.train.epochs)
         self._model().freeze(bn=bn, observers=observers)
@@ -379,92 +382,3 @@ class Int8QAT(TrainHook):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._model().freeze(bn=bool(state["bn_frozen"]), observers=bool(state["observers_frozen"]))
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX
-
-
-def _strip_onnx(model: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node metadata and intermediate shape annotations.
-
-    Both are redundant for inference (ORT infers shapes) and were over a third of the file.
-    """
-    graph = model.graph
-    for items in (graph.node, graph.input, graph.output, graph.initializer):
-        for item in items:
-            del item.metadata_props[:]
-    del graph.value_info[:]
-    del model.metadata_props[:]
-
-
-def _ort_session(path: Path, *, fused: bool = True, optimized_path: Path | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3  # the NCHWc "hardware specific" notice is expected here
-    if not fused:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(path: str | Path, x: Tensor, *, fused: bool = True) -> np.ndarray:
-    """Logits of an ONNX model in onnxruntime; ``fused=False`` keeps Q/DQ as separate float ops.
-
-    The unfused run computes what the torch graph computes, so it separates "the file is wrong"
-    from "ORT's integer kernels round differently".
-    """
-    session = _ort_session(Path(path), fused=fused)
-    return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
-
-
-def export_qat_onnx(finalized: nn.Module, example_input: Tensor, path: str | Path, *, opset: int = 18) -> Path:
-    """Write ``finalized`` as one self-contained ONNX file with a dynamic batch dimension.
-
-    For a :func:`convert_qat` graph that is an int8 QDQ model; any plain float module exports the
-    same way. The file is checked with ``onnx.checker`` and must run in onnxruntime on
-    ``example_input`` with finite logits of the torch output's shape.
-    """
-    path = Path(path)
-    batch = torch.export.Dim("batch")
-    program = torch.onnx.export(finalized, (example_input,), dynamo=True, external_data=False, opset_version=opset,
-                                dynamic_shapes=({0: batch},), input_names=["x"], output_names=["logits"],
-                                verbose=False)
-    model = program.model_proto
-    _strip_onnx(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path), full_check=True)
-    with torch.no_grad():
-        expected = finalized(example_input)
-    logits = run_onnx(path, example_input)
-    if logits.shape != tuple(expected.shape) or not np.isfinite(logits).all():
-        raise AscError(f"{path}: onnxruntime returned {logits.shape} logits (finite: {np.isfinite(logits).all()}), "
-                       f"torch {tuple(expected.shape)}; report this model, the export is broken")
-    return path
-
-
-@dataclass(frozen=True)
-class FusionCensus:
-    """Op types of a model after onnxruntime's full graph optimization."""
-
-    op_counts: dict[str, int]
-
-    @property
-    def qlinear_convs(self) -> int:
-        return self.op_counts.get("QLinearConv", 0)
-
-    @property
-    def float_convs(self) -> int:
-        return self.op_counts.get("Conv", 0) + self.op_counts.get("FusedConv", 0)
-
-
-def fusion_census(path: str | Path) -> FusionCensus:
-    """Which ops ORT actually runs: a conv that did not become ``QLinearConv`` runs in float."""
-    with tempfile.TemporaryDirectory() as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        _ort_session(Path(path), optimized_path=optimized)
-        nodes = onnx.load(str(optimized)).graph.node
-    return FusionCensus(dict(Counter(node.op_type for node in nodes)))

@@ -37,21 +37,6 @@ FINALIZED_NAME = "finalized.pt2"
 """The deployable module of a compressed run, as a ``torch.export`` program (no pickled code)."""
 
 
-class FinalizedModule(nn.Module):
-    """A loaded deployable graph; ``train()``/``eval()`` change nothing, it is inference-only."""
-
-    def __init__(self, graph: nn.Module) -> None:
-        super().__init__()
-        self.graph = graph
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)
-
-    def train(self, mode: bool = True) -> FinalizedModule:
-        self.training = mode
-        return self
-
-
 def save_finalized(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """Write ``model`` as an exported program with a dynamic batch, atomically.
 
@@ -63,11 +48,18 @@ def save_finalized(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         torch.export.save(program, handle)
 
 
-def load_finalized(path: Path, map_location: str | torch.device = "cpu") -> FinalizedModule:
+def load_finalized(path: Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The deployable module of :func:`save_finalized`, inference-only, module names kept.
+
+    ``train()``/``eval()`` are made harmless (an exported graph refuses them otherwise), so code
+    that switches modes, such as evaluation and export, treats it like any module.
+    """
+    from asc.compress.quant import allow_exported_model_train_eval  # imports torchao quietly
+
     path = Path(path)
     try:
         program = torch.export.load(path)
     except Exception as error:  # torch raises many types for truncated or foreign archives
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise AscError(f"{path}: not a readable finalized model ({reason}); re-run `asc compress`") from None
-    return FinalizedModule(program.module()).to(map_location)
+    return allow_exported_model_train_eval(program.module()).to(map_location)

@@ -46,7 +46,7 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.
     run_dir = Path(run_dir)
     if checkpoint == "last" and (run_dir / FINALIZED_NAME).is_file():
         state = load_checkpoint(run_dir / "checkpoints" / "float.pt", device)
-        return load_finalized(run_dir / FINALIZED_NAME, device).eval(), state
+        return load_finalized(run_dir / FINALIZED_NAME, device), state  # inference-only already
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     state = load_checkpoint(path, device)
     spec = state["model_spec"]

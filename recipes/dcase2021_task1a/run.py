@@ -89,6 +89,22 @@ def runs_of(out: Path) -> dict[str, Path]:
     return runs
 
 
+def stage_export(config: RunConfig, out: Path, options: Options) -> None:
+    """One bundle per model: fp32 for the uncompressed run, int8 for the compressed ones.
+
+    The int8 bundles are written even below the 99 % parity gate, so the recipe always ends with
+    every deployable model; their bundle.json marks them forced and parity.json has the numbers.
+    """
+    from asc.export import export_run, format_summary, is_quantized_graph
+    from asc.train.evaluate import load_run_model
+
+    for name, run in runs_of(out).items():
+        int8 = is_quantized_graph(load_run_model(run)[0])
+        manifest = export_run(run, out / "export" / name, precision="int8" if int8 else "fp32", force=int8,
+                              progress=options.progress)
+        print(format_summary(out / "export" / name, manifest))
+
+
 def stage_evaluate(config: RunConfig, out: Path, options: Options) -> None:
     from asc.complexity import run_complexity
     from asc.report import write_report
@@ -113,6 +129,7 @@ STAGES: list[tuple[str, Callable[..., None]]] = [
     ("data", stage_data),
     ("train", stage_train),
     ("compress", stage_compress),
+    ("export", stage_export),
     ("evaluate", stage_evaluate),
 ]
 

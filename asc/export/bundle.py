@@ -1,0 +1,400 @@
+"""From a trained run to a verified, deployable bundle folder.
+
+A bundle is everything an app needs and nothing from training: ``model.onnx`` (fp32 or int8
+QDQ), ``model.ort`` and ``required_operators.config`` when onnxruntime can convert it,
+``bundle.json`` (:class:`~asc.bundle_manifest.BundleManifest`) and ``parity.json``
+(:class:`~asc.export.verify.ParityReport`).
+
+The folder appears only whole and only verified: everything is written into a hidden sibling
+folder, checked, and then renamed into place, so a failed or refused export leaves no partial
+bundle and keeps the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+import asc
+from asc.bundle_manifest import MANIFEST_NAME, PARITY_NAME, BundleManifest, Precision
+from asc.config import RunConfig, load_config
+from asc.data.clips import ClipSet
+from asc.data.loader import ClipDataset
+from asc.errors import AscError, ConfigError
+from asc.export.onnx import (
+    FEATURE_INPUT,
+    FRONTEND_INPUT,
+    OUTPUT,
+    OrtFiles,
+    compose_frontend,
+    convert_to_ort,
+    export_frontend,
+    is_quantized_graph,
+    nodes_inside,
+    save_onnx,
+    torch_to_onnx,
+)
+from asc.export.precision import PrecisionPlan, quantize_planned
+from asc.export.verify import (
+    DEFAULT_MIN_AGREEMENT,
+    Candidate,
+    ClipSample,
+    ParityReport,
+    enforce_gate,
+    measure_parity,
+)
+from asc.features import FeatureConfig, LogMel
+from asc.models import FreqNorm
+from asc.train.data import clipset_devices, make_dataset, open_clipset, split_clips
+from asc.train.evaluate import load_run_model
+
+Frontend = Literal["in-graph", "external"]
+FRONTENDS: tuple[str, ...] = ("in-graph", "external")
+PRECISIONS: tuple[str, ...] = ("fp32", "int8")
+MODEL_NAME = "model.onnx"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A run folder's deployable model with its checkpoint metadata and config."""
+
+    run_dir: Path
+    checkpoint: str
+    config: RunConfig
+    model: nn.Module
+    state: dict[str, Any]
+
+    @property
+    def features(self) -> FeatureConfig:
+        return FeatureConfig.from_dict(self.state["features"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.state["labels"])
+
+    @property
+    def clip_samples(self) -> int:
+        return int(self.state["num_samples"])
+
+
+_STATE_KEYS = ("features", "labels", "num_samples", "model_spec")
+
+
+def open_run(run_dir: str | Path, checkpoint: str = "last") -> TrainedRun:
+    """Load a run folder for export; every problem is one AscError naming the path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AscError(f"{run_dir}: no such run folder; point at a folder written by `asc train`")
+    if not (run_dir / "config.yaml").is_file():
+        raise AscError(f"{run_dir}: not a run folder (no config.yaml); point at a folder written by `asc train`")
+    if not checkpoint or Path(checkpoint).name != checkpoint or checkpoint.startswith("."):
+        raise ConfigError(f"checkpoint must be a name in {run_dir / 'checkpoints'} such as 'last' or 'best', "
+                          f"got {checkpoint!r}")
+    model, state = load_run_model(run_dir, checkpoint)
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise AscError(f"{run_dir / 'checkpoints' / (checkpoint + '.pt')}: checkpoint lacks {missing}; "
+                       "it was written by an incompatible asc version, retrain the run")
+    config = load_config(RunConfig, run_dir / "config.yaml")
+    return TrainedRun(run_dir, checkpoint, config, model, state)
+
+
+def run_clipset(run: TrainedRun, *, progress: bool = True) -> ClipSet:
+    """The run's own dataset, refused when its classes are no longer the model's."""
+    clipset = open_clipset(run.config.data, progress=progress)
+    if clipset.labels != run.labels:
+        raise AscError(f"{run.run_dir}: the run's data now has labels {clipset.labels}, the model was trained on "
+                       f"{run.labels}; restore the run's dataset")
+    return clipset
+
+
+def split_dataset(run: TrainedRun, clipset: ClipSet, split: str, *, as_features: bool,
+                  progress: bool = True) -> ClipDataset:
+    """A split of the run's data, built and cached exactly as training and evaluation build it."""
+    return make_dataset(split_clips(clipset, split), clipset, clipset_devices(clipset), config=run.config.data,
+                        features=run.features, num_samples=run.clip_samples, as_features=as_features,
+                        progress=progress)
+
+
+def sample_clips(dataset: ClipDataset, count: int | None, *, split: str, seed: int = 0) -> ClipSample:
+    """``count`` clips drawn without replacement (all when None), in dataset order.
+
+    Random rather than the first ``count``: splits are often sorted by scene or device.
+    """
+    total = len(dataset)
+    count = total if count is None else min(count, total)
+    indices = np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+    return ClipSample(dataset.source, indices, np.asarray(dataset.targets)[indices],
+                      [dataset.clips[int(i)].device for i in indices], list(dataset.labels), split)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundle folder
+
+
+def _check_destination(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AscError(f"{out_dir}: is a file; give --out a folder path for the bundle")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise AscError(f"{out_dir}: exists and is not an asc bundle; choose a new or empty folder for --out")
+
+
+@contextmanager
+def _atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder; on success it replaces ``out_dir`` (kept as is on failure)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    stage.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+    try:
+        yield stage
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old)
+            try:
+                os.replace(stage, out_dir)
+            except OSError:
+                os.replace(old, out_dir)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(stage, out_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def _check_options(precision: str, frontend: str, calibration_clips: int, parity_clips: int | None,
+                   min_agreement: float) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if frontend not in FRONTENDS:
+        raise ConfigError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
+    if calibration_clips < 1:
+        raise ConfigError(f"calibration_clips must be at least 1, got {calibration_clips}")
+    if parity_clips is not None and parity_clips < 1:
+        raise ConfigError(f"parity_clips must be at least 1 (or None for the whole split), got {parity_clips}")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ConfigError(f"min_agreement must be in [0, 1], got {min_agreement}")
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "last", precision: Precision = "fp32",
+               frontend: Frontend = "external", int8: PrecisionPlan | None = None, calibration_clips: int = 256,
+               parity_clips: int | None = 512, min_agreement: float = DEFAULT_MIN_AGREEMENT, force: bool = False,
+               ort_format: bool = True, ort_target: Literal["arm", "amd64"] | None = None,
+               progress: bool = True) -> BundleManifest:
+    """Export ``run_dir``'s model (``checkpoints/<checkpoint>.pt``) as a verified bundle in ``out_dir``.
+
+    The options are :func:`export_trained`'s.
+    """
+    return export_trained(open_run(run_dir, checkpoint), out_dir, precision=precision, frontend=frontend, int8=int8,
+                          calibration_clips=calibration_clips, parity_clips=parity_clips,
+                          min_agreement=min_agreement, force=force, ort_format=ort_format, ort_target=ort_target,
+                          progress=progress)
+
+
+def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision = "fp32",
+                   frontend: Frontend = "external", int8: PrecisionPlan | None = None,
+                   calibration_clips: int = 256, parity_clips: int | None = 512,
+                   min_agreement: float = DEFAULT_MIN_AGREEMENT, force: bool = False, ort_format: bool = True,
+                   ort_target: Literal["arm", "amd64"] | None = None, progress: bool = True) -> BundleManifest:
+    """Write a verified bundle of ``run``'s model into ``out_dir`` (replacing an older bundle).
+
+    * ``frontend="in-graph"``: one graph from raw PCM ``(batch, clip_samples)`` to logits, the
+      front end kept float; ``"external"``: the CNN on log-mels, features computed by the app.
+    * ``precision="int8"``: post-training QDQ quantization under the mixed-precision plan ``int8``
+      (:func:`~asc.export.precision.quantize_planned`; default: the plan measured fastest on x86,
+      docs/export-latency.md) calibrated on ``calibration_clips`` training clips; a model that already
+      is an int8 QAT graph is exported as is.
+    * Parity runs on ``parity_clips`` clips of the eval split (None: all). A deployed model whose
+      top-1 agreement with its source is below ``min_agreement`` is refused unless ``force``.
+    * ``ort_format`` adds ``model.ort`` when onnxruntime converts it (``ort_target="arm"`` for
+      phones); a failed conversion is noted in ``parity.json``, not fatal.
+    """
+    _check_options(precision, frontend, calibration_clips, parity_clips, min_agreement)
+    out_dir = Path(out_dir)
+    _check_destination(out_dir)
+    int8 = int8 or PrecisionPlan()
+    in_graph = frontend == "in-graph"
+    run.model.eval()  # not chained: an exported graph's eval() may return None
+    qat_graph = is_quantized_graph(run.model)
+    if qat_graph and precision == "fp32":
+        raise AscError(f"{run.run_dir}: the model is an int8 quantization-aware-trained graph; export it as int8 "
+                       "(--int8)")
+    clipset = run_clipset(run, progress=progress)
+    eval_split = run.config.data.eval_split
+    parity = sample_clips(split_dataset(run, clipset, eval_split, as_features=not in_graph, progress=progress),
+                          parity_clips, split=eval_split)
+    deployed = "onnx_int8" if precision == "int8" else "onnx_fp32"
+
+    with tempfile.TemporaryDirectory(prefix="asc-export-") as tmp, _atomic_dir(out_dir) as stage:
+        notes: list[str] = []
+        built = _model_files(run, Path(tmp), quantize=precision == "int8" and not qat_graph, in_graph=in_graph,
+                             int8=int8, clipset=clipset, calibration_clips=calibration_clips, notes=notes,
+                             progress=progress)
+        files = dict(built.files)
+        files[deployed] = Path(shutil.copyfile(files[deployed], stage / MODEL_NAME))
+        candidates = [Candidate(name, path, "onnx_fp32" if name == "onnx_int8" and "onnx_fp32" in files else "torch")
+                      for name, path in files.items()]
+        ort_files: OrtFiles | None = None
+        if ort_format:
+            try:
+                ort_files = convert_to_ort(files[deployed], stage, target_platform=ort_target)
+                candidates.append(Candidate("ort", ort_files.model, deployed))
+            except Exception as error:  # noqa: BLE001 -- an optional artefact: any converter failure is a note
+                notes.append(f"ORT format conversion failed: {' '.join(str(error).split())[:300]}")
+        reference = nn.Sequential(LogMel(run.features), run.model) if in_graph else run.model
+        report = measure_parity(reference, candidates, parity, deployed=deployed, min_agreement=min_agreement,
+                                force=force, progress=progress, notes=notes,
+                                frontend=(LogMel(run.features), built.frontend) if built.frontend else None)
+        enforce_gate(report, out_dir, advice=_GATE_ADVICE[precision])
+        if ort_files is not None and report.comparison("ort").top1_agreement < min_agreement:
+            ort_files.model.unlink()
+            ort_files.operators.unlink()
+            report = replace(report, notes=[*report.notes, "model.ort dropped: it disagrees with model.onnx"])
+            ort_files = None
+        quantization = None if precision == "fp32" else "qat" if qat_graph else f"ptq-{int8.calibration}"
+        manifest = _manifest(run, precision, in_graph, report, deployed,
+                             ort_file=ort_files.model.name if ort_files else None, quantization=quantization,
+                             calibration_clips=built.calibration_clips)
+        (stage / PARITY_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        (stage / MANIFEST_NAME).write_text(manifest.to_json())
+        BundleManifest.read(stage)  # what the runtime will read must read back
+    return manifest
+
+
+_GATE_ADVICE = {
+    "int8": "write it anyway with --force, or train with QAT (asc compress --method qat) or keep more layers float",
+    "fp32": "the fp32 export is broken, please report this model (--force writes it anyway)",
+}
+
+
+@dataclass(frozen=True)
+class _ModelFiles:
+    files: dict[str, Path]  #: "onnx_fp32" and/or "onnx_int8"
+    frontend: Path | None  #: the front end's own graph, when it went into the models
+    calibration_clips: int | None  #: training clips that calibrated post-training int8
+
+
+def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, in_graph: bool, int8: PrecisionPlan,
+                 clipset: ClipSet, calibration_clips: int, notes: list[str], progress: bool) -> _ModelFiles:
+    """The ONNX files to check, by name, built in ``scratch``.
+
+    One path for every case: the CNN on log-mels is exported (a QAT graph is already int8),
+    quantized when asked, and joined to the front end when it goes in the graph, so the int8
+    CNN is the same file with or without the front end. What quantization kept float goes
+    into ``notes``: a norm that was not found would be quantized, which the gate then shows.
+    """
+    features = run.features
+    example = torch.zeros(2, 1, features.n_mels, features.num_frames(run.clip_samples))
+    exported = torch_to_onnx(run.model, example, input_name=FEATURE_INPUT, output_name=OUTPUT)
+    calibrated = None
+    if is_quantized_graph(run.model):
+        files = {"onnx_int8": save_onnx(exported, scratch / "cnn_int8.onnx")}
+    else:
+        norm_nodes = nodes_inside(exported, FreqNorm)  # found before save strips the names; always float
+        files = {"onnx_fp32": save_onnx(exported, scratch / "cnn_fp32.onnx")}
+        if quantize:
+            split = run.config.data.train_split
+            calibration = sample_clips(split_dataset(run, clipset, split, as_features=True, progress=progress),
+                                       calibration_clips, split=split)
+            files["onnx_int8"] = quantize_planned(files["onnx_fp32"], scratch / "cnn_int8.onnx",
+                                                  calibration.batches(), int8, float_nodes=norm_nodes)
+            calibrated = len(calibration)
+            notes.append(f"int8: {len(norm_nodes)} frequency-norm nodes kept float, calibrated on {calibrated} "
+                         f"'{split}' clips ({int8.calibration})")
+    if not in_graph:
+        return _ModelFiles(files, None, calibrated)
+    frontend = export_frontend(features, run.clip_samples, scratch / "frontend.onnx")
+    joined = {name: compose_frontend(frontend, path, scratch / f"{name}.onnx") for name, path in files.items()}
+    return _ModelFiles(joined, frontend, calibrated)
+
+
+def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityReport, deployed: str, *,
+              ort_file: str | None, quantization: str | None, calibration_clips: int | None) -> BundleManifest:
+    features = run.features
+    gated = report.comparison(deployed)
+    input_shape: list[int | str] = (["batch", run.clip_samples] if in_graph else
+                                    ["batch", 1, features.n_mels, features.num_frames(run.clip_samples)])
+    return BundleManifest(
+        labels=run.labels, sample_rate=features.sample_rate, clip_samples=run.clip_samples,
+        frontend=features.to_dict(), frontend_in_graph=in_graph, precision=precision,  # type: ignore[arg-type]
+        input_name=FRONTEND_INPUT if in_graph else FEATURE_INPUT, input_shape=input_shape, output_name=OUTPUT,
+        model_file=MODEL_NAME, ort_file=ort_file,
+        metrics={
+            "split": report.split, "clips": report.clips,
+            "accuracy": report.accuracy[deployed], "reference_accuracy": report.accuracy["torch"],
+            "top1_agreement": gated.top1_agreement, "agreement_with": gated.reference,
+            "max_abs_logit_diff": gated.max_abs_diff, "parity_gate_passed": report.gate.passed,
+            "forced": report.gate.forced and not report.gate.passed,
+            "convs": report.census.convs, "qlinear_convs": report.census.qlinear_convs,
+            "frontend_max_abs_diff": report.frontend_max_abs_diff,
+        },
+        source={
+            "run": str(run.run_dir.resolve()), "checkpoint": run.checkpoint, "epoch": run.state.get("epoch"),
+            "model": run.state["model_spec"], "quantization": quantization,
+            "calibration_clips": calibration_clips,
+        },
+        asc_version=asc.__version__,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command
+
+
+def _size(path: Path) -> str:
+    return f"{path.name} {path.stat().st_size / 1000:.1f} KB"
+
+
+def format_summary(bundle_dir: str | Path, manifest: BundleManifest) -> str:
+    """A few lines for the terminal: files, parity, accuracy and the QLinearConv census."""
+    bundle_dir = Path(bundle_dir)
+    m = manifest.metrics
+    files = [_size(bundle_dir / manifest.model_file)] + ([_size(bundle_dir / manifest.ort_file)]
+                                                           if manifest.ort_file else [])
+    shape = "x".join(str(d) for d in manifest.input_shape)
+    groups = ", ".join(f"{g} {a:.1%}" for g, a in m["accuracy"]["per_group"].items())
+    lines = [
+        f"{bundle_dir}: {manifest.precision}, front end {'in the graph' if manifest.frontend_in_graph else 'external'}"
+        f", input {manifest.input_name} {shape}",
+        f"  files: {', '.join(files)}",
+        f"  parity on {m['clips']} '{m['split']}' clips: top-1 agreement with {m['agreement_with']} "
+        f"{m['top1_agreement']:.2%}, max |dlogit| {m['max_abs_logit_diff']:.3g}"
+        + (" (FORCED past the gate)" if m["forced"] else ""),
+        f"  accuracy: {m['accuracy']['accuracy']:.1%} (torch {m['reference_accuracy']['accuracy']:.1%})"
+        + (f"; {groups}" if groups else ""),
+    ]
+    if manifest.precision == "int8":
+        lines.append(f"  int8 convs: {m['qlinear_convs']} of {m['convs']} run as QLinearConv")
+    return "\n".join(lines)
+
+
+def run_export_command(run_dir: str | Path, out_dir: str | Path, *, int8: bool = False,
+                       frontend: Frontend = "external", force: bool = False, checkpoint: str = "last",
+                       calibration_clips: int = 256, parity_clips: int | None = 512,
+                       progress: bool = True) -> BundleManifest:
+    """``asc export``: write the bundle and print its summary (errors propagate as AscError)."""
+    manifest = export_run(run_dir, out_dir, checkpoint=checkpoint, precision="int8" if int8 else "fp32",
+                          frontend=frontend, force=force, calibration_clips=calibration_clips,
+                          parity_clips=parity_clips, progress=progress)
+    print(format_summary(out_dir, manifest))
+    return manifest

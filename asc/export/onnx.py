@@ -1,0 +1,387 @@
+"""Torch to ONNX for deployment: fp32 export, int8 QDQ, the in-graph front end, ORT format.
+
+What the choices rest on (measured on this CPU, reference/compression.md §3-§5):
+
+* Only the dynamo exporter maps ``torch.stft`` (to the ONNX ``STFT`` op) and exports torchao PT2E
+  Q/DQ graphs, so it is the one exporter used. Its defaults write the weights to a side file and
+  tag every node with metadata (+35 % file size); both are turned off or stripped here.
+* int8 is ``quant_pre_process`` + ``quantize_static`` in QDQ format with per-channel int8 weights
+  and **uint8 activations** (U8S8). onnxruntime's default int8 activations (S8S8) left depthwise
+  convs unfused into ``QLinearConv`` and ran 1.9-2.4x slower on x86.
+* The frequency-wise norms stay float: their per-bin statistics divide by a spread, and
+  quantizing their multiplies tripled the logit drift at no speed gain (§4.1).
+* The front end is exported on its own and joined to the (possibly int8) CNN with
+  ``onnx.compose``: quantization never touches the STFT, and ``quant_pre_process``, whose symbolic
+  shape inference crashes on ``STFT``, never sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from ast import literal_eval
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from torch import Tensor, nn
+
+from asc.errors import AscError, ConfigError
+from asc.features import FeatureConfig, LogMel
+
+OPSET = 18
+"""ONNX opset of every exported graph (>= 17 for STFT; 18 is what the exporter targets natively)."""
+BATCH = "batch"
+"""Name of the dynamic batch dimension in every exported graph."""
+FRONTEND_INPUT = "audio"
+FEATURE_INPUT = "log_mel"
+OUTPUT = "logits"
+
+_CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence library loggers below ERROR for a moment (exporter and quantizer chatter)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch -> ONNX
+
+
+def torch_to_onnx(module: nn.Module, example: Tensor, *, input_name: str = "x", output_name: str = OUTPUT,
+                  opset: int = OPSET) -> onnx.ModelProto:
+    """Trace ``module`` with a dynamic batch dimension, keeping the exporter's node metadata.
+
+    The metadata says which module each node came from (see :func:`nodes_inside`);
+    :func:`save_onnx` strips it. ``example`` needs a batch of at least 2: a size-1 dimension would
+    be specialised. A graph that already holds int8 Q/DQ (a converted PT2E graph) exports as is.
+    """
+    batch = torch.export.Dim(BATCH)
+    try:
+        with _quiet("torch.onnx", "torch.export"), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices
+            # an exported graph has no train/eval switch, so its flag says nothing
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            program = torch.onnx.export(module, (example,), dynamo=True, external_data=False, opset_version=opset,
+                                        dynamic_shapes=({0: batch},), input_names=[input_name],
+                                        output_names=[output_name], verbose=False)
+    except Exception as error:  # the exporter raises many types; all mean "this module does not export"
+        raise AscError(f"{type(module).__name__}: the ONNX exporter failed ({_root_cause(error)}); "
+                       "the model uses an operation ONNX export does not support") from None
+    return program.model_proto
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause: the exporter wraps the real reason in a long guide."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def nodes_inside(model: onnx.ModelProto, base: type) -> list[str]:
+    """Names of the nodes traced inside an instance of ``base`` (or a subclass).
+
+    Read from the exporter's class-hierarchy metadata, so it works for a plain module and for a
+    graph loaded from ``torch.export`` (whose nodes still carry their original module classes).
+    Only classes already imported can match, which is always true for ``base``'s subclasses in use.
+    """
+    names = []
+    for node in model.graph.node:
+        hierarchy = next((p.value for p in node.metadata_props if p.key == _CLASS_HIERARCHY), None)
+        if hierarchy and any(_is_subclass(path, base) for path in literal_eval(hierarchy)):
+            names.append(node.name)
+    return names
+
+
+def _is_subclass(qualified_name: str, base: type) -> bool:
+    module_name, _, class_name = qualified_name.rpartition(".")
+    cls = getattr(sys.modules.get(module_name), class_name, None)
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
+def strip_onnx(model: onnx.ModelProto) -> None:
+    """Drop per-node metadata, intermediate shape annotations and unused opset imports, in place.
+
+    All are redundant for inference (ORT infers shapes) and were over a third of the file. Opset
+    imports are also de-duplicated (``onnx.compose`` lists a shared domain once per input model).
+    """
+    graph = model.graph
+    for items in (graph.node, graph.input, graph.output, graph.initializer):
+        for item in items:
+            del item.metadata_props[:]
+    del graph.value_info[:]
+    del model.metadata_props[:]
+    used = {node.domain for node in graph.node} | {""}
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        if opset.domain in used:
+            versions[opset.domain] = max(opset.version, versions.get(opset.domain, 0))
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in versions.items())
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Strip ``model`` (in place), write it as one self-contained file and run the full checker."""
+    path = Path(path)
+    strip_onnx(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise AscError(f"{path}: the exported graph is not valid ONNX ({str(error).splitlines()[0]}); "
+                       "report this model, the export is broken") from None
+    return path
+
+
+def export_onnx(module: nn.Module, example_input: Tensor, path: str | Path, *, input_name: str = "x",
+                output_name: str = OUTPUT, opset: int = OPSET) -> Path:
+    """Write ``module`` as one checked ONNX file with a dynamic batch dimension.
+
+    For a converted PT2E graph that is an int8 QDQ model; any plain float module exports the same
+    way. The file must also run in onnxruntime on ``example_input`` with finite logits of the
+    torch output's shape.
+    """
+    path = save_onnx(torch_to_onnx(module, example_input, input_name=input_name, output_name=output_name,
+                                   opset=opset), path)
+    with torch.no_grad():
+        expected = module(example_input)
+    logits = run_onnx(path, example_input)
+    if logits.shape != tuple(expected.shape) or not np.isfinite(logits).all():
+        raise AscError(f"{path}: onnxruntime returned {logits.shape} logits (finite: {np.isfinite(logits).all()}), "
+                       f"torch {tuple(expected.shape)}; report this model, the export is broken")
+    return path
+
+
+def is_quantized_graph(module: nn.Module) -> bool:
+    """Whether ``module`` holds int8 Q/DQ ops already (a torchao ``convert_pt2e`` graph).
+
+    Such a graph carries its own trained scales (QAT), so it is exported as is, never re-quantized.
+    """
+    return any(
+        node.op == "call_function" and getattr(node.target, "namespace", None) == "quantized_decomposed"
+        for graph in module.modules() if isinstance(graph, torch.fx.GraphModule)
+        for node in graph.graph.nodes
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime
+
+
+def ort_session(path: str | Path, *, fused: bool = True, optimized_path: Path | None = None,
+                threads: int = 1) -> ort.InferenceSession:
+    """A CPU session with every graph optimisation; ``fused=False`` keeps Q/DQ as float ops."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # the NCHWc "hardware specific" notice is expected here
+    if not fused:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | Path, x: Tensor | np.ndarray, *, fused: bool = True) -> np.ndarray:
+    """Logits of an ONNX model in onnxruntime; ``fused=False`` keeps Q/DQ as separate float ops.
+
+    The unfused run computes what the torch graph computes, so it separates "the file is wrong"
+    from "ORT's integer kernels round differently".
+    """
+    session = ort_session(Path(path), fused=fused)
+    inputs = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
+    return session.run(None, {session.get_inputs()[0].name: inputs})[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 QDQ
+
+
+FloatNodes = Collection[str] | Callable[[onnx.ModelProto], Collection[str]]
+"""Node names to keep float, or a function that picks them from the pre-processed graph."""
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """How :func:`quantize_int8` quantizes; the defaults are the recipe measured best on x86.
+
+    ``keep_float`` and ``op_types_to_quantize`` are how a mixed-precision plan plugs in: names
+    refer to nodes of the graph after ``quant_pre_process`` (the fp32 export's names survive it),
+    and a callable receives that graph to choose by pattern (e.g. every depthwise conv).
+    Percentile calibration clips outliers (best drift in the measurements) but holds every
+    activation of every calibration clip in memory; MinMax streams.
+
+    Keeping a conv out of the quantizer does not always keep it float: when its input and output
+    are quantized anyway, onnxruntime quantizes its weight at load time (the
+    ``WeightBiasQuantization`` optimizer) and runs it as ``QLinearConv``. Keep its neighbours'
+    tensors float too, or check :func:`~asc.export.verify.fusion_census`.
+    """
+
+    calibration: Literal["minmax", "percentile"] = "minmax"
+    percentile: float = 99.999
+    keep_float: FloatNodes = ()
+    op_types_to_quantize: Collection[str] | None = None
+    keep_norms_float: bool = True
+
+    def __post_init__(self) -> None:
+        if self.calibration not in ("minmax", "percentile"):
+            raise ConfigError(f"int8 calibration must be 'minmax' or 'percentile', got {self.calibration!r}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ConfigError(f"int8 percentile must be in (0, 100], got {self.percentile!r}")
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, input_name: str, batches: Iterable[np.ndarray]) -> None:
+        self._inputs = ({input_name: np.ascontiguousarray(batch, dtype=np.float32)} for batch in batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._inputs, None)
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: Iterable[np.ndarray],
+                  options: Int8Options | None = None, *, float_nodes: Collection[str] = ()) -> Path:
+    """Write the int8 QDQ version of an fp32 ONNX file, calibrated on ``calibration`` batches.
+
+    ``float_nodes`` are nodes the caller knows must stay float (the exporter's frequency-norm
+    nodes, see :func:`nodes_inside`); ``options.keep_float`` adds the plan's own choices. Batches
+    are the model's input, e.g. log-mels ``(n, 1, F, T)`` of training clips.
+    """
+    options = options or Int8Options()
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    with tempfile.TemporaryDirectory(prefix="asc-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        with _quiet("root"):
+            quant_pre_process(str(fp32_path), str(prepared))
+        model = onnx.load(str(prepared))
+        plan = options.keep_float(model) if callable(options.keep_float) else options.keep_float
+        exclude = sorted(set(float_nodes) | set(plan))
+        unknown = sorted(set(exclude) - {node.name for node in model.graph.node})
+        if unknown:
+            raise ConfigError(f"{fp32_path}: nodes to keep float are not in the graph: {unknown[:5]}; "
+                              "name nodes of the graph after quant_pre_process")
+        input_name = model.graph.input[0].name
+        extra = {"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}}  # BN scales are 1-D
+        if options.calibration == "percentile":
+            extra["CalibPercentile"] = options.percentile
+        try:
+            # the quantizer logs per-tensor notes through the root logger and prints calibration progress
+            with _quiet("root"), contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(
+                    str(prepared), str(out_path), _Batches(input_name, calibration),
+                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=(CalibrationMethod.Percentile if options.calibration == "percentile"
+                                      else CalibrationMethod.MinMax),
+                    nodes_to_exclude=exclude,
+                    op_types_to_quantize=list(options.op_types_to_quantize) if options.op_types_to_quantize else None,
+                    extra_options=extra)
+        except ValueError as error:  # "No data is collected." for an empty calibration set
+            raise AscError(f"{fp32_path}: int8 calibration failed ({error}); give at least one calibration clip") \
+                from None
+    return save_onnx(onnx.load(str(out_path)), out_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# front end in the graph
+
+
+def export_frontend(features: FeatureConfig, clip_samples: int, path: str | Path) -> Path:
+    """The log-mel front end alone: raw PCM ``(batch, clip_samples)`` -> ``(batch, 1, F, T)``.
+
+    It is the training :class:`~asc.features.LogMel` module itself, so STFT, window, filterbank
+    and log match training exactly; the filterbank is a constant (librosa's Slaney mel, which the
+    ONNX ``MelWeightMatrix`` op does not implement).
+    """
+    example = torch.zeros(2, clip_samples)
+    model = torch_to_onnx(LogMel(features).eval(), example, input_name=FRONTEND_INPUT, output_name=FEATURE_INPUT)
+    return save_onnx(model, path)
+
+
+def compose_frontend(frontend_path: str | Path, model_path: str | Path, out_path: str | Path) -> Path:
+    """Join the front-end graph to a log-mel model: one graph from raw PCM to logits.
+
+    The front end's internal names get a ``frontend.`` prefix so they cannot clash with the
+    model's; its input and the model's output keep their names.
+    """
+    frontend = onnx.load(str(frontend_path))
+    model = onnx.load(str(model_path))
+    frontend = onnx.compose.add_prefix(frontend, "frontend.", rename_inputs=False, rename_outputs=False)
+    merged = onnx.compose.merge_models(frontend, model,
+                                       io_map=[(frontend.graph.output[0].name, model.graph.input[0].name)])
+    return save_onnx(merged, out_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# ORT format
+
+
+ORT_NAME = "model.ort"
+OPERATORS_NAME = "required_operators.config"
+
+
+@dataclass(frozen=True)
+class OrtFiles:
+    model: Path
+    operators: Path  #: the op list a reduced-size onnxruntime build needs (``--include_ops_by_config``)
+
+
+def convert_to_ort(onnx_path: str | Path, out_dir: str | Path, *,
+                   target_platform: Literal["arm", "amd64"] | None = None) -> OrtFiles:
+    """ORT-format copy of an ONNX file (``model.ort``) plus its required-operators config.
+
+    Uses onnxruntime's own converter ("Fixed" style, all optimisations). Without a target the
+    file stays portable (no x86 NCHWc layouts); ``"arm"`` additionally lets int8 QDQ run as int8
+    on ARM kernels. It loads faster and suits reduced runtime builds; it is not smaller.
+    """
+    from onnxruntime.tools.convert_onnx_models_to_ort import (
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="asc-ort-") as tmp:
+        source = Path(tmp) / "model.onnx"
+        shutil.copyfile(onnx_path, source)
+        converted = Path(tmp) / "converted"
+        with contextlib.redirect_stdout(io.StringIO()), _quiet("ort_format_model.utils", "root"):
+            convert_onnx_models_to_ort(source, output_dir=converted, optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform=target_platform)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = OrtFiles(out_dir / ORT_NAME, out_dir / OPERATORS_NAME)
+        shutil.move(converted / "model.ort", files.model)
+        config = (converted / "model.required_operators.config").read_text().splitlines()
+        # the header names the temporary file it was generated from
+        files.operators.write_text("\n".join(f"# - {ORT_NAME}" if line.startswith("# - ") else line
+                                             for line in config) + "\n")
+    return files

@@ -1,0 +1,804 @@
+"""Mixed-precision int8 for onnxruntime on the target CPU: exact int8-friendly rewrites and a measured plan.
+
+Why this exists (numbers in docs/export-latency.md): on x86 onnxruntime only pointwise and dense
+convs get faster in int8. Depthwise convs, broadcast adds and every float op left between int8
+ops (a DequantizeLinear in, a QuantizeLinear out, often a strided kernel in the NHWC int8
+layout) cost more than they save, so plain ``quantize_static`` of BC-ResNet-Mod c=40 ran 1.3-1.7x
+*slower* than fp32. Four rewrites of the fp32 graph, each exact in real arithmetic, remove the islands
+that made it slow:
+
+* ``subspectral_bands``: the eval-mode sub-spectral norm (Reshape -> BatchNorm -> Reshape, not
+  foldable into the conv because its affine changes every few frequency rows) becomes one
+  depthwise conv per band with the band's affine folded in, joined by a Concat. onnxruntime
+  quantizes that into plain QLinearConvs instead of a float BatchNorm island.
+* ``stem_space_to_depth``: a stride-2 conv on one input channel becomes SpaceToDepth + a stride-1
+  conv on four channels. int8 kernels handle a 1-channel input badly (the stem was 1.4-1.6x
+  slower in int8 than in fp32; on four channels it is 2x faster).
+* ``freq_mean_conv``: the mean over frequency (ReduceMean, a strided float reduction once the int8
+  graph is NHWC) becomes a depthwise conv with weights 1/F, which runs as QLinearConv.
+* ``norm_affine_on_input``: a frequency-wise norm's output ``(x - shift) * scale + offset`` becomes
+  ``x * scale + (offset - shift * scale)``, so the shifted copy is only read by the statistics
+  and never has to be quantized.
+
+The rewrites tag the nodes they create or match (``.asc_<role>`` in the node name) so that
+:func:`node_groups` can tell the pieces apart after ``quant_pre_process``. A
+:class:`PrecisionPlan` names the groups that stay float; :func:`plan_precision` times candidate
+plans with onnxruntime against fp32 and keeps the fastest one whose top-1 agreement with fp32
+meets the bar. The rewrites pay off only in int8: the fp32 bundle keeps the plain graph.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+from asc.bench import interleaved
+from asc.errors import AscError, ConfigError
+from asc.export.onnx import Int8Options, ort_session, quantize_int8, save_onnx
+from asc.export.verify import Agreement, compare_logits
+
+REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "freq_mean_conv", "norm_affine_on_input")
+"""All int8-friendly rewrites, in the order they are applied."""
+
+GROUPS: tuple[str, ...] = ("prefix", "norm_stats", "norm_output", "stem", "band_conv", "freq_mean", "depthwise",
+                           "pointwise", "dense", "add", "activation", "pool", "other")
+"""Node groups a plan can keep float (see :func:`node_groups`)."""
+
+DEFAULT_FLOAT_GROUPS: tuple[str, ...] = ("prefix", "norm_stats", "norm_output")
+"""Float by default: the input front (its input is float anyway) and the frequency-wise norms,
+whose per-bin scales span decades (up to 1/sqrt(eps) for silent bins). On the trained c=40 model,
+putting the input norm in int8 dropped top-1 agreement with fp32 from 98 % to 13 %, the norms'
+statistics to 92 %, their output affine to 97 %."""
+
+_TAG = ".asc_"
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph access
+
+
+class _Graph:
+    """An ONNX graph with the lookups the rewrites need; edits go through :meth:`replace`."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.graph = model.graph
+        self.shapes = _static_shapes(model)
+        self.constants = _constants(self.graph)
+        self.producer = {out: node for node in self.graph.node for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self._replacements: dict[int, list[onnx.NodeProto]] = {}
+        self._dropped: set[int] = set()
+
+    def shape(self, name: str) -> list[int | None] | None:
+        return self.shapes.get(name)
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        """Consumers of a tensor, ignoring ``Shape`` ops (the legacy exporter reads shapes everywhere)."""
+        return [node for node in self.consumers.get(name, []) if node.op_type != "Shape"]
+
+    def add_initializer(self, name: str, value: np.ndarray) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def replace(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
+        self._replacements[id(old)] = new
+
+    def drop(self, node: onnx.NodeProto) -> None:
+        self._dropped.add(id(node))
+
+    def commit(self) -> None:
+        """Apply replacements in graph order and remove everything no output depends on any more."""
+        nodes: list[onnx.NodeProto] = []
+        for node in self.graph.node:
+            if id(node) in self._dropped:
+                continue
+            nodes.extend(self._replacements.get(id(node), [node]))
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        _prune_dead(self.graph)
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Tensor shapes from onnxruntime's symbolic shape inference (symbolic dims become None)."""
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as error:  # noqa: BLE001 -- the inference raises many types; all mean "no shapes"
+        raise AscError(f"shape inference failed on the fp32 graph ({str(error)[:200]}); "
+                       "export it with static feature sizes (only the batch may be dynamic)") from None
+    graph = inferred.graph
+    return {info.name: [dim.dim_value if dim.HasField("dim_value") else None
+                        for dim in info.type.tensor_type.shape.dim]
+            for info in [*graph.value_info, *graph.input, *graph.output]}
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers plus Constant and Identity-of-constant outputs (the legacy exporter dedups with Identity)."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and _attr(node, "value") is not None:
+            values[node.output[0]] = numpy_helper.to_array(_attr(node, "value"))
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
+def _prune_dead(graph: onnx.GraphProto) -> None:
+    needed = {output.name for output in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            keep.append(node)
+            needed.update(name for name in node.input if name)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {name for node in graph.node for name in node.input}
+    initializers = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+
+
+def _reduce_axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int] | None:
+    """ReduceMean axes from the attribute (opset < 18) or the second input (opset 18)."""
+    if len(node.input) > 1 and node.input[1]:
+        value = constants.get(node.input[1])
+        return None if value is None else [int(a) for a in np.ravel(value)]
+    axes = _attr(node, "axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def _tagged(name: str, role: str) -> str:
+    return f"{name}{_TAG}{role}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrites
+
+
+@dataclass
+class RewriteReport:
+    """What the rewrites did: how many of each, and which original nodes became which new ones."""
+
+    applied: dict[str, int] = field(default_factory=dict)
+    renamed: dict[str, list[str]] = field(default_factory=dict)  #: original node -> its replacement nodes
+
+    def translate(self, names: Iterable[str], graph: onnx.GraphProto) -> list[str]:
+        """Node names of the original graph, mapped to the rewritten graph's (gone ones dropped).
+
+        So a caller's float list (e.g. the exporter's frequency-norm nodes) still means the same
+        computation after the rewrite.
+        """
+        present = {node.name for node in graph.node}
+        out: list[str] = []
+        for name in names:
+            out.extend(new for new in self.renamed.get(name, [name]) if new in present)
+        return sorted(set(out))
+
+
+def _subspectral_bands(g: _Graph, report: RewriteReport) -> int:
+    count = 0
+    for bn in list(g.graph.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        first = g.producer.get(bn.input[0])
+        users = g.users(bn.output[0])
+        if first is None or first.op_type != "Reshape" or len(users) != 1 or users[0].op_type != "Reshape":
+            continue
+        second, x = users[0], first.input[0]
+        x_shape, band_shape, y_shape = g.shape(x), g.shape(bn.output[0]), g.shape(second.output[0])
+        if not (x_shape and band_shape and y_shape and len(x_shape) == len(band_shape) == 4
+                and None not in x_shape[1:] and None not in band_shape[1:] and x_shape[1:] == y_shape[1:]):
+            continue
+        _, channels, freq, frames = x_shape
+        _, stacked, band_rows, band_frames = band_shape
+        if band_frames != frames or stacked % channels or stacked // channels * band_rows != freq:
+            continue
+        params = [g.constants.get(name) for name in bn.input[1:5]]
+        if any(p is None for p in params):
+            continue
+        gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
+        scale = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
+        shift = beta - mean * scale
+        bands = stacked // channels
+        scale, shift = scale.reshape(channels, bands), shift.reshape(channels, bands)
+        nodes = _band_convs(g, x, scale, shift, second.output[0], _name(bn)) \
+            or _band_affine(g, x, scale, shift, band_rows, second.output[0], _name(bn))
+        conv = g.producer.get(x)
+        if conv is not None and nodes[0].op_type == "Slice":  # the band convs replace the conv itself
+            g.replace(conv, nodes)
+            g.drop(first)
+            report.renamed[_name(conv)] = [node.name for node in nodes if node.op_type == "Conv"]
+        else:
+            g.replace(first, nodes)
+        g.drop(bn)
+        g.drop(second)
+        report.renamed[_name(bn)] = [node.name for node in nodes]
+        count += 1
+    return count
+
+
+def _band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, output: str,
+                name: str) -> list[onnx.NodeProto]:
+    """One depthwise conv per band, the band's affine folded into its weights and bias.
+
+    Each band reads its rows plus the conv's halo rows from the neighbouring bands, so the
+    concatenated result equals conv-then-norm exactly.
+    """
+    conv = g.producer.get(x)
+    channels, bands = scale.shape
+    if conv is None or conv.op_type != "Conv" or len(g.users(x)) != 1 or _attr(conv, "group", 1) != channels:
+        return []
+    weight = g.constants.get(conv.input[1])
+    in_shape = g.shape(conv.input[0])
+    strides, dilations = _attr(conv, "strides", [1, 1]), _attr(conv, "dilations", [1, 1])
+    pads = _attr(conv, "pads", [0, 0, 0, 0])
+    if (weight is None or weight.ndim != 4 or weight.shape[:2] != (channels, 1) or not in_shape
+            or in_shape[2] is None or strides[0] != 1 or dilations[0] != 1 or _attr(conv, "auto_pad", b"NOTSET")
+            not in (b"NOTSET", "NOTSET")):
+        return []
+    freq, kernel = in_shape[2], weight.shape[2]
+    if freq + pads[0] + pads[2] - kernel + 1 != freq or freq % bands:
+        return []
+    bias = g.constants.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels)
+    if bias is None:
+        return []
+    rows = freq // bands
+    axis = g.add_initializer(_tagged(name, "band_axis"), np.array([2], np.int64))
+    nodes, outs = [], []
+    for band in range(bands):
+        lo, hi = band * rows, (band + 1) * rows
+        first, last = lo - pads[0], hi - 1 - pads[0] + kernel - 1
+        top, bottom = max(0, -first), max(0, last - (freq - 1))
+        tag = _tagged(name, f"band{band}")
+        start = g.add_initializer(tag + "_start", np.array([max(0, first)], np.int64))
+        end = g.add_initializer(tag + "_end", np.array([min(freq - 1, last) + 1], np.int64))
+        w = g.add_initializer(tag + "_w", (weight * scale[:, band].reshape(-1, 1, 1, 1)).astype(np.float32))
+        b = g.add_initializer(tag + "_b", (bias * scale[:, band] + shift[:, band]).astype(np.float32))
+        nodes.append(helper.make_node("Slice", [conv.input[0], start, end, axis], [tag + "_in"], name=tag + "_slice"))
+        nodes.append(helper.make_node("Conv", [tag + "_in", w, b], [tag + "_out"], name=tag + "_conv", group=channels,
+                                      kernel_shape=list(weight.shape[2:]), pads=[top, pads[1], bottom, pads[3]],
+                                      strides=strides, dilations=dilations))
+        outs.append(tag + "_out")
+    nodes.append(helper.make_node("Concat", outs, [output], name=_tagged(name, "band_concat"), axis=2))
+    return nodes
+
+
+def _band_affine(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, rows: int, output: str,
+                 name: str) -> list[onnx.NodeProto]:
+    """Fallback when no depthwise conv precedes the norm: the per-band affine as Mul + Add."""
+    channels = scale.shape[0]
+    full_scale = np.repeat(scale, rows, axis=1).reshape(1, channels, -1, 1).astype(np.float32)
+    full_shift = np.repeat(shift, rows, axis=1).reshape(1, channels, -1, 1).astype(np.float32)
+    tag = _tagged(name, "band_affine")
+    return [helper.make_node("Mul", [x, g.add_initializer(tag + "_scale", full_scale)], [tag + "_scaled"],
+                             name=tag + "_mul"),
+            helper.make_node("Add", [tag + "_scaled", g.add_initializer(tag + "_shift", full_shift)], [output],
+                             name=tag + "_add")]
+
+
+def _stem_space_to_depth(g: _Graph, report: RewriteReport) -> int:
+    count = 0
+    for conv in list(g.graph.node):
+        if conv.op_type != "Conv":
+            continue
+        weight = g.constants.get(conv.input[1])
+        x_shape, y_shape = g.shape(conv.input[0]), g.shape(conv.output[0])
+        if (weight is None or weight.ndim != 4 or weight.shape[1] != 1 or _attr(conv, "group", 1) != 1
+                or _attr(conv, "strides") != [2, 2] or _attr(conv, "dilations", [1, 1]) != [1, 1]
+                or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+                or not x_shape or not y_shape or None in x_shape[1:] or None in y_shape[1:]):
+            continue
+        out_channels, _, kh, kw = weight.shape
+        pads = _attr(conv, "pads", [0, 0, 0, 0])
+        (height, width), (out_h, out_w) = x_shape[2:], y_shape[2:]
+        kh2, kw2 = -(-kh // 2), -(-kw // 2)
+        bottom = 2 * (out_h - 1 + kh2) - height - pads[0]
+        right = 2 * (out_w - 1 + kw2) - width - pads[1]
+        if bottom < 0 or right < 0:
+            continue
+        padded = np.zeros((out_channels, 1, 2 * kh2, 2 * kw2), np.float32)
+        padded[:, :, :kh, :kw] = weight
+        # SpaceToDepth (DCR) puts input pixel (2i + a, 2j + b) in channel 2a + b at (i, j).
+        folded = padded.reshape(out_channels, kh2, 2, kw2, 2).transpose(0, 2, 4, 1, 3)
+        folded = folded.reshape(out_channels, 4, kh2, kw2)
+        tag = _tagged(_name(conv), "stem")
+        pad_values = g.add_initializer(tag + "_pads", np.array([0, 0, pads[0], pads[1], 0, 0, bottom, right], np.int64))
+        nodes = [
+            helper.make_node("Pad", [conv.input[0], pad_values], [tag + "_padded"], name=tag + "_pad"),
+            helper.make_node("SpaceToDepth", [tag + "_padded"], [tag + "_s2d"], name=tag + "_s2d", blocksize=2),
+            helper.make_node("Conv", [tag + "_s2d", g.add_initializer(tag + "_w", folded), *conv.input[2:]],
+                             list(conv.output), name=tag + "_conv", kernel_shape=[kh2, kw2]),
+        ]
+        g.replace(conv, nodes)
+        report.renamed[_name(conv)] = [node.name for node in nodes]
+        count += 1
+    return count
+
+
+def _freq_mean_conv(g: _Graph, report: RewriteReport) -> int:
+    count = 0
+    for node in list(g.graph.node):
+        if node.op_type != "ReduceMean" or _attr(node, "keepdims", 1) != 1:
+            continue
+        shape = g.shape(node.input[0])
+        if (_reduce_axes(node, g.constants) not in ([2], [-2]) or not shape or len(shape) != 4
+                or shape[1] is None or shape[2] is None or shape[1] < 2):
+            continue
+        channels, freq = shape[1], shape[2]
+        tag = _tagged(_name(node), "fmean")
+        weight = g.add_initializer(tag + "_w", np.full((channels, 1, freq, 1), 1.0 / freq, np.float32))
+        new = helper.make_node("Conv", [node.input[0], weight], list(node.output), name=tag + "_conv",
+                               group=channels, kernel_shape=[freq, 1])
+        g.replace(node, [new])
+        report.renamed[_name(node)] = [new.name]
+        count += 1
+    return count
+
+
+def _per_bin(shape: list[int | None] | None) -> bool:
+    """A per-(sample, frequency) statistic: rank 4 with singleton channel and time axes."""
+    return shape is not None and len(shape) == 4 and shape[1] == 1 and shape[3] == 1
+
+
+def _freq_norms(g: _Graph, report: RewriteReport, *, rewrite: bool) -> int:
+    """Find ``Add(Mul(Sub(x, shift), scale), offset)`` norms; tag them and optionally rewrite.
+
+    Every node between ``x`` and the output (the statistics) is tagged ``norm_stats``; the output
+    multiply and add are tagged ``norm_output``.
+    """
+    count = 0
+    for add in list(g.graph.node):
+        if add.op_type != "Add":
+            continue
+        for mul_in, offset in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+            mul = g.producer.get(mul_in)
+            if mul is not None and mul.op_type == "Mul" and _per_bin(g.shape(offset)) and len(g.users(mul_in)) == 1:
+                break
+        else:
+            continue
+        for d, scale in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):
+            sub = g.producer.get(d)
+            if sub is not None and sub.op_type == "Sub" and _per_bin(g.shape(scale)):
+                break
+        else:
+            continue
+        x, shift = sub.input
+        if not _per_bin(g.shape(shift)) or g.shape(x) is None or _per_bin(g.shape(x)):
+            continue
+        inside = _between(g, x, add) - {id(mul), id(add)}
+        for node in g.graph.node:
+            if id(node) in inside and _TAG not in node.name:
+                new_name = _tagged(_name(node), "norm_stats")
+                report.renamed[_name(node)] = [new_name]
+                node.name = new_name
+        tag = _tagged(_name(add), "norm_output")
+        if rewrite:
+            nodes = [
+                helper.make_node("Mul", [x, scale], [tag + "_xs"], name=tag + "_mul"),
+                helper.make_node("Mul", [shift, scale], [tag + "_ss"], name=_tagged(_name(add), "norm_stats") + "_ss"),
+                helper.make_node("Sub", [offset, tag + "_ss"], [tag + "_offset"],
+                                 name=_tagged(_name(add), "norm_stats") + "_offset"),
+                helper.make_node("Add", [tag + "_xs", tag + "_offset"], list(add.output), name=tag + "_add"),
+            ]
+            report.renamed[_name(mul)] = [nodes[0].name, nodes[1].name]
+            report.renamed[_name(add)] = [nodes[2].name, nodes[3].name]
+            g.drop(mul)
+            g.replace(add, nodes)
+        else:
+            report.renamed[_name(mul)] = [tag + "_mul"]
+            report.renamed[_name(add)] = [tag + "_add"]
+            mul.name, add.name = tag + "_mul", tag + "_add"
+        count += 1
+    return count
+
+
+def _between(g: _Graph, source: str, sink: onnx.NodeProto) -> set[int]:
+    """Ids of nodes that depend on tensor ``source`` and that ``sink`` depends on."""
+    ancestors, stack = set(), [sink]
+    while stack:
+        node = stack.pop()
+        if id(node) in ancestors:
+            continue
+        ancestors.add(id(node))
+        stack.extend(p for name in node.input if (p := g.producer.get(name)) is not None)
+    descendants, frontier = set(), [source]
+    while frontier:
+        for node in g.consumers.get(frontier.pop(), []):
+            if id(node) not in descendants:
+                descendants.add(id(node))
+                frontier.extend(node.output)
+    return ancestors & descendants
+
+
+_REWRITE_FUNCTIONS = {
+    "subspectral_bands": _subspectral_bands,
+    "stem_space_to_depth": _stem_space_to_depth,
+    "freq_mean_conv": _freq_mean_conv,
+}
+
+
+def rewrite_for_int8(model: onnx.ModelProto, rewrites: Collection[str] = REWRITES
+                     ) -> tuple[onnx.ModelProto, RewriteReport]:
+    """A copy of an fp32 graph with the chosen exact rewrites applied and its norms tagged.
+
+    Frequency-wise norms are tagged even when ``norm_affine_on_input`` is not chosen, so a plan
+    can keep them float. The graph must have static feature sizes (only the batch may be dynamic).
+    """
+    unknown = sorted(set(rewrites) - set(REWRITES))
+    if unknown:
+        raise ConfigError(f"unknown int8 rewrites {unknown}; valid: {', '.join(REWRITES)}")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    report = RewriteReport()
+    for name in REWRITES:
+        if name == "norm_affine_on_input":
+            continue
+        if name in rewrites:
+            g = _Graph(model)
+            report.applied[name] = _REWRITE_FUNCTIONS[name](g, report)
+            g.commit()
+    g = _Graph(model)
+    found = _freq_norms(g, report, rewrite="norm_affine_on_input" in rewrites)
+    if "norm_affine_on_input" in rewrites:
+        report.applied["norm_affine_on_input"] = found
+    g.commit()
+    return model, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Node groups
+
+
+def node_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Every node's precision group, by name: see :data:`GROUPS`.
+
+    ``prefix`` is everything the first conv's input depends on (the input norm: its input is
+    float, so quantizing it only adds conversions); tagged nodes go to their rewrite's group;
+    convs are split by shape (one input channel = stem, grouped = depthwise, 1x1 = pointwise);
+    ``activation`` is Sigmoid/Relu/Clip and the multiply of a SiLU.
+    """
+    graph = model.graph
+    constants = _constants(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    prefix: set[str] = set()
+    first_conv = next((node for node in graph.node if node.op_type == "Conv"), None)
+    if first_conv is not None:
+        stack = [first_conv.input[0]]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and node.name not in prefix:
+                prefix.add(node.name)
+                stack.extend(node.input)
+    groups: dict[str, list[str]] = {group: [] for group in GROUPS}
+    for node in graph.node:
+        groups[_group_of(node, prefix, constants, producer)].append(node.name)
+    return groups
+
+
+def _group_of(node: onnx.NodeProto, prefix: set[str], constants: dict[str, np.ndarray],
+              producer: dict[str, onnx.NodeProto]) -> str:
+    if node.name in prefix:
+        return "prefix"
+    for role, group in (("norm_output", "norm_output"), ("norm_stats", "norm_stats"), ("band", "band_conv"),
+                        ("stem", "stem"), ("fmean", "freq_mean")):
+        if f"{_TAG}{role}" in node.name:
+            return group
+    if node.op_type == "Conv":
+        weight = constants.get(node.input[1])
+        if weight is None:
+            return "dense"
+        if weight.shape[1] == 1 and _attr(node, "group", 1) == 1:
+            return "stem"
+        if _attr(node, "group", 1) > 1:
+            return "depthwise"
+        return "pointwise" if all(k == 1 for k in weight.shape[2:]) else "dense"
+    if node.op_type in ("Add", "Sum"):
+        return "add"
+    if node.op_type in ("Sigmoid", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Tanh"):
+        return "activation"
+    if node.op_type == "Mul" and any((p := producer.get(name)) is not None and p.op_type == "Sigmoid"
+                                     for name in node.input):
+        return "activation"
+    if node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):
+        return "pool"
+    return "other"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """Which rewrites to apply and which node groups stay float; plain data, so it can be stored.
+
+    The defaults are the plan measured fastest on this CPU (docs/export-latency.md): all
+    rewrites, the input front and the norms float. Calibration defaults to MinMax because it
+    streams; percentile calibration gained 0.6-1 point of agreement on trained models but holds
+    every calibrated activation of every clip in memory (~150 MB per 10-s clip at c=40), so use it
+    with a few dozen clips only.
+    """
+
+    rewrites: tuple[str, ...] = REWRITES
+    float_groups: tuple[str, ...] = DEFAULT_FLOAT_GROUPS
+    calibration: Literal["minmax", "percentile"] = "minmax"
+    percentile: float = 99.999
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.rewrites) - set(REWRITES))
+        if unknown:
+            raise ConfigError(f"unknown int8 rewrites {unknown}; valid: {', '.join(REWRITES)}")
+        unknown = sorted(set(self.float_groups) - set(GROUPS))
+        if unknown:
+            raise ConfigError(f"unknown precision groups {unknown}; valid: {', '.join(GROUPS)}")
+        Int8Options(calibration=self.calibration, percentile=self.percentile)  # validates both
+
+    def keep_float(self, model: onnx.ModelProto) -> list[str]:
+        """Names of the nodes of ``model`` (the graph after ``quant_pre_process``) that stay float."""
+        groups = node_groups(model)
+        return sorted(name for group in self.float_groups for name in groups[group])
+
+    def int8_options(self) -> Int8Options:
+        return Int8Options(calibration=self.calibration, percentile=self.percentile, keep_float=self.keep_float)
+
+    def toggled(self, group: str) -> PrecisionPlan:
+        """This plan with ``group`` moved between float and int8."""
+        floats = set(self.float_groups) ^ {group}
+        return replace(self, float_groups=tuple(g for g in GROUPS if g in floats))
+
+    def describe(self) -> str:
+        rewrites = "+".join(self.rewrites) if self.rewrites else "no rewrites"
+        floats = ",".join(self.float_groups) if self.float_groups else "nothing"
+        return f"{rewrites}; float: {floats}; {self.calibration}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrecisionPlan:
+        return cls(rewrites=tuple(data["rewrites"]), float_groups=tuple(data["float_groups"]),
+                   calibration=data["calibration"], percentile=float(data["percentile"]))
+
+
+NAIVE_PLAN = PrecisionPlan(rewrites=(), float_groups=(), calibration="minmax")
+"""Plain ``quantize_static`` of everything: the baseline the plans are measured against."""
+
+
+def quantize_planned(fp32_path: str | Path, out_path: str | Path, calibration: Iterable[np.ndarray],
+                     plan: PrecisionPlan | None = None, *, float_nodes: Collection[str] = ()) -> Path:
+    """Int8 QDQ file of an fp32 ONNX file under ``plan`` (default :class:`PrecisionPlan`).
+
+    ``float_nodes`` are names in the *original* graph that must stay float (the exporter's
+    frequency-norm nodes); they are carried through the rewrites.
+    """
+    plan = plan or PrecisionPlan()
+    fp32_path = Path(fp32_path)
+    model, report = rewrite_for_int8(onnx.load(str(fp32_path)), plan.rewrites)
+    with tempfile.TemporaryDirectory(prefix="asc-precision-") as tmp:
+        rewritten = Path(tmp) / fp32_path.name
+        onnx.save_model(model, str(rewritten))
+        out_path = quantize_int8(rewritten, out_path, calibration, plan.int8_options(),
+                                 float_nodes=report.translate(float_nodes, model.graph))
+    quantized = onnx.load(str(out_path))
+    if share_concat_ranges(quantized):
+        save_onnx(quantized, out_path)
+    return out_path
+
+
+def share_concat_ranges(model: onnx.ModelProto, *, tag: str = f"{_TAG}band") -> int:
+    """Give a band Concat's inputs and output one uint8 range (the union), in place; returns how many.
+
+    With equal scales onnxruntime's QLinearConcat only copies bytes; with the per-band scales
+    calibration picks it requantized every value (1.0 ms -> 0.2 ms over the 9 concats of
+    BC-ResNet-Mod c=40). The union is what the Concat output's own range already covers, so no
+    value gets clipped; bands with a narrower range get a slightly coarser step.
+    """
+    graph = model.graph
+    constants = {init.name: init for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    shared = 0
+    for concat in graph.node:
+        if concat.op_type != "Concat" or tag not in concat.name:
+            continue
+        dequants = [producer.get(name) for name in concat.input]
+        quants = [producer.get(dq.input[0]) if dq is not None else None for dq in dequants]
+        outputs = consumers.get(concat.output[0], [])
+        if (any(dq is None or dq.op_type != "DequantizeLinear" for dq in dequants)
+                or any(q is None or q.op_type != "QuantizeLinear" or len(consumers[q.output[0]]) != 1
+                       for q in quants)
+                or len(outputs) != 1 or outputs[0].op_type != "QuantizeLinear"):
+            continue
+        out_dequants = consumers.get(outputs[0].output[0], [])
+        nodes = [*dequants, *quants, outputs[0], *out_dequants]
+        params = [(constants.get(node.input[1]), constants.get(node.input[2]) if len(node.input) > 2 else None)
+                  for node in nodes]
+        if any(s is None or z is None or z.data_type != onnx.TensorProto.UINT8 for s, z in params):
+            continue
+        lows, highs = [], []
+        for s, z in params:
+            scale, zero = float(numpy_helper.to_array(s)), float(numpy_helper.to_array(z))
+            lows.append(-zero * scale)
+            highs.append((255.0 - zero) * scale)
+        low, high = min(0.0, *lows), max(0.0, *highs)
+        scale = np.float32((high - low) / 255.0)
+        zero = np.uint8(np.clip(round(-low / float(scale)), 0, 255))
+        scale_name = _tagged(concat.name, "shared_scale")
+        zero_name = _tagged(concat.name, "shared_zero_point")
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), scale_name),
+                                  numpy_helper.from_array(np.array(zero, np.uint8), zero_name)])
+        for node in nodes:
+            node.input[1], node.input[2] = scale_name, zero_name
+        shared += 1
+    if shared:
+        _prune_dead(graph)
+    return shared
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring plans
+
+
+def _logits(session: ort.InferenceSession, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])
+
+
+@dataclass(frozen=True)
+class PlanMeasurement:
+    """One candidate as measured: latency against fp32 in the same interleaved loop, and parity."""
+
+    name: str
+    plan: PrecisionPlan | None  #: None: the fp32 graph itself
+    latency_ms: float  #: median, batch 1
+    fp32_ms: float  #: fp32's median in the same loop
+    agreement: Agreement | None
+
+    @property
+    def ratio(self) -> float:
+        """Latency relative to fp32 (below 1: faster than fp32)."""
+        return self.latency_ms / self.fp32_ms
+
+    def accepted(self, min_agreement: float) -> bool:
+        return self.agreement is None or self.agreement.top1_agreement >= min_agreement
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """Every candidate :func:`plan_precision` measured, and the one it chose."""
+
+    chosen: PlanMeasurement
+    candidates: tuple[PlanMeasurement, ...]
+    min_agreement: float
+    threads: int
+
+    @property
+    def int8_wins(self) -> bool:
+        return self.chosen.plan is not None
+
+    def format(self) -> str:
+        lines = [f"precision plans ({self.threads} thread{'s' if self.threads > 1 else ''}, latency vs fp32 "
+                 f"in the same loop, agreement = top-1 vs fp32, bar {self.min_agreement:.0%}):"]
+        for c in self.candidates:
+            agree = "-" if c.agreement is None else f"{c.agreement.top1_agreement:.1%}"
+            mark = "*" if c is self.chosen else " "
+            lines.append(f" {mark} {c.name:<24} {c.latency_ms:7.2f} ms  {c.ratio:5.2f}x fp32  agree {agree:>6}  "
+                         f"{'' if c.plan is None else c.plan.describe()}")
+        verdict = (f"int8 plan '{self.chosen.name}' is {1 / self.chosen.ratio:.2f}x faster than fp32"
+                   if self.int8_wins else "no int8 plan beat fp32 at the agreement bar: ship fp32")
+        return "\n".join([*lines, verdict])
+
+
+def _next_step(current: PlanMeasurement, moves: list[PlanMeasurement], min_agreement: float,
+               min_gain: float) -> PlanMeasurement | None:
+    """The move to take: the fastest accepted one if it gains ``min_gain`` (or if the current plan
+    misses the agreement bar); with no accepted move and the bar missed, the move that raises
+    agreement most; None to stop."""
+    accepted = [m for m in moves if m.accepted(min_agreement)]
+    if accepted:
+        best = min(accepted, key=lambda m: m.ratio)
+        gains = best.ratio <= current.ratio * (1.0 - min_gain)
+        return best if gains or not current.accepted(min_agreement) else None
+    if current.accepted(min_agreement) or current.agreement is None:
+        return None
+    closest = max(moves, key=lambda m: m.agreement.top1_agreement if m.agreement else 0.0, default=None)
+    if closest is None or closest.agreement is None or \
+            closest.agreement.top1_agreement <= current.agreement.top1_agreement:
+        return None
+    return closest
+
+
+def plan_precision(fp32_path: str | Path, calibration: Sequence[np.ndarray], inputs: np.ndarray, *,
+                   start: PrecisionPlan | None = None, min_agreement: float = 0.99, threads: int = 1,
+                   repeats: int = 15, rounds: int = 2, min_gain: float = 0.03, include_naive: bool = True,
+                   float_nodes: Collection[str] = (), work_dir: str | Path | None = None) -> PlanReport:
+    """Choose the fastest int8 plan whose top-1 agreement with fp32 on ``inputs`` is ``>= min_agreement``.
+
+    Starts from ``start`` (default :class:`PrecisionPlan`) and for up to ``rounds`` rounds tries
+    moving each node group between float and int8, keeping the best move if it is at least
+    ``min_gain`` faster (while the start misses the agreement bar: the fastest move that meets
+    it, else the one that raises agreement most). All candidates of a round are timed round-robin
+    (:func:`asc.bench.interleaved`) with fp32 and the current plan: ``repeats`` runs each, batch
+    1, ``threads`` intra-op threads. Returns the fp32 graph itself as the choice when no plan is
+    faster than fp32. ``calibration`` is a sequence of input batches; ``inputs`` ``(n, ...)`` are
+    the parity clips.
+    """
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ConfigError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    if len(inputs) < 1 or len(calibration) < 1:
+        raise ConfigError("plan_precision needs at least one calibration batch and one parity input")
+    fp32_path = Path(fp32_path)
+    start = start or PrecisionPlan()
+    with tempfile.TemporaryDirectory(prefix="asc-plan-", dir=work_dir) as tmp:
+        fp32 = ort_session(fp32_path, threads=threads)
+        reference = _logits(fp32, inputs)
+        feed = np.ascontiguousarray(inputs[:1], dtype=np.float32)
+        built: dict[PrecisionPlan, tuple[Path, Agreement]] = {}
+
+        def build(plan: PrecisionPlan) -> tuple[Path, Agreement]:
+            if plan not in built:
+                path = Path(tmp) / f"candidate{len(built)}.onnx"
+                quantize_planned(fp32_path, path, calibration, plan, float_nodes=float_nodes)
+                built[plan] = (path, compare_logits(reference, _logits(ort_session(path), inputs),
+                                                    reference_name="onnx_fp32", candidate_name=str(path.name)))
+            return built[plan]
+
+        def measure(named: dict[str, PrecisionPlan]) -> list[PlanMeasurement]:
+            sessions = {"fp32": fp32} | {name: ort_session(build(plan)[0], threads=threads)
+                                         for name, plan in named.items()}
+            calls = {name: partial(session.run, None, {session.get_inputs()[0].name: feed})
+                     for name, session in sessions.items()}
+            medians = {name: timing.median_ms for name, timing in interleaved(calls, repeats=repeats).items()}
+            out = [PlanMeasurement("fp32", None, medians["fp32"], medians["fp32"], None)]
+            out.extend(PlanMeasurement(name, plan, medians[name], medians["fp32"], build(plan)[1])
+                       for name, plan in named.items())
+            return out
+
+        first = measure(({"naive": NAIVE_PLAN} if include_naive else {}) | {"start": start})
+        candidates = list(first)
+        current = next(m for m in first if m.name == "start")
+        for round_ in range(1, rounds + 1):
+            rewritten = rewrite_for_int8(onnx.load(str(fp32_path)), current.plan.rewrites)[0]
+            present = {group for group, names in node_groups(rewritten).items() if names}
+            moves = {f"r{round_} {'int8' if g in current.plan.float_groups else 'float'} {g}": current.plan.toggled(g)
+                     for g in GROUPS if g in present}
+            measured = measure({"current": current.plan} | moves)
+            candidates.extend(m for m in measured if m.name not in ("fp32", "current"))
+            now = next(m for m in measured if m.name == "current")
+            step = _next_step(now, [m for m in measured if m.plan is not None and m.name != "current"],
+                              min_agreement, min_gain)
+            if step is None:
+                break
+            current = step
+        accepted = [m for m in candidates if m.plan is not None and m.accepted(min_agreement)]
+        chosen = min(accepted, key=lambda m: m.ratio, default=None)
+        if chosen is None or chosen.ratio >= 1.0:
+            chosen = first[0]
+        return PlanReport(chosen, tuple([first[0], *candidates[1:]]), min_agreement, threads)

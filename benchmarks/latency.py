@@ -1,0 +1,285 @@
+"""Per-clip latency of BC-ResNet-Mod on this CPU: torch eager fp32, ONNX fp32, ONNX int8 (naive and
+planned mixed precision), torchao PT2E int8 in torch, at 1 and 2 threads, in one run.
+
+    python benchmarks/latency.py [--width 40] [--prune 0.5] [--repeats 20] [--run RUN_DIR] [--profile]
+
+Weights are random (BN statistics from a few forward passes on noise), which is fine for
+latency; agreement on random weights and noise inputs is only a smoke test. ``--run`` adds the
+agreement that matters: a trained run's model, calibrated on its training clips and compared on
+its eval clips. Input: one 10-s clip at 44.1 kHz as log-mel (256 x 431, n_fft 2048, hop 1024),
+batch 1. Every variant of one thread count is timed round-robin (each repetition runs all of
+them once) because the machine is shared; ratios are from the same loop. ``--profile`` prints
+onnxruntime's per-op-type kernel time for fp32 and both int8 graphs (1 thread); ``--steps`` times
+the int8-friendly rewrites one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asc.bench import Timing, interleaved, session_options  # noqa: E402
+from asc.compress.prune import prune_channels  # noqa: E402
+from asc.export.onnx import export_frontend, ort_session, save_onnx, torch_to_onnx  # noqa: E402
+from asc.export.precision import (  # noqa: E402
+    NAIVE_PLAN,
+    REWRITES,
+    PrecisionPlan,
+    plan_precision,
+    quantize_planned,
+)
+from asc.export.verify import compare_logits  # noqa: E402
+from asc.feature_spec import FeatureConfig, log_mel  # noqa: E402
+from asc.models import build_model  # noqa: E402
+
+CLIP_SECONDS = 10.0
+
+
+def random_model(width: int, shape: tuple[int, int], seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("bcresnet_mod", 10, width=width, freq_norm="resnorm")
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 1, *shape) * 3 - 4)
+    return model.eval()
+
+
+def log_mel_like(count: int, shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Noise with a log-mel's scale and a per-band tilt, so per-bin statistics differ by bin."""
+    rng = np.random.default_rng(seed)
+    tilt = np.linspace(0.0, -6.0, shape[0])[:, None]
+    return (rng.standard_normal((count, 1, *shape)) * 2.0 - 4.0 + tilt).astype(np.float32)
+
+
+def export_variants(name: str, model: torch.nn.Module, calibration: list[np.ndarray], work: Path,
+                    plan: PrecisionPlan) -> dict[str, Path]:
+    example = torch.from_numpy(np.concatenate(calibration[:2]))
+    fp32 = save_onnx(torch_to_onnx(model, example, input_name="log_mel"), work / f"{name}_fp32.onnx")
+    return {"fp32": fp32,
+            "int8 naive": quantize_planned(fp32, work / f"{name}_naive.onnx", calibration, NAIVE_PLAN),
+            "int8 planned": quantize_planned(fp32, work / f"{name}_planned.onnx", calibration, plan)}
+
+
+def pt2e_int8(model: torch.nn.Module, shape: tuple[int, int], calibration: list[np.ndarray]) -> torch.nn.Module:
+    """torchao PT2E int8 graph (the project's ORT-shaped quantizer), run by torch itself."""
+    from asc.compress.quant import QATConfig, convert_qat, prepare_qat
+
+    qat = prepare_qat(model, (1, *shape), QATConfig())
+    qat.eval()  # dropout off, BN running statistics; then observe ranges: a post-training calibration
+    for quantizer in qat.fake_quantizers():
+        quantizer.enable_observer(True)
+    with torch.no_grad():
+        for batch in calibration:
+            qat(torch.from_numpy(batch))
+    return convert_qat(qat)
+
+
+def torch_call(module: torch.nn.Module, x: np.ndarray) -> Callable[[], object]:
+    tensor = torch.from_numpy(x)
+
+    def call() -> object:
+        with torch.inference_mode():
+            return module(tensor)
+
+    return call
+
+
+def profile_ops(path: Path, feed: np.ndarray, runs: int = 10) -> dict[str, float]:
+    """Mean kernel milliseconds per op type over ``runs`` runs (1 thread, after one warm-up)."""
+    options = session_options(1)
+    options.enable_profiling = True
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    session.run(None, {name: feed})
+    for _ in range(runs):
+        session.run(None, {name: feed})
+    trace = Path(session.end_profiling())
+    totals: dict[str, float] = defaultdict(float)
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"] / 1e3 / (runs + 1)
+    trace.unlink()
+    return dict(totals)
+
+
+def print_table(title: str, timings: dict[str, Timing], threads: int) -> None:
+    torch_ms, onnx_ms = timings["torch eager fp32"].median_ms, timings["ONNX fp32"].median_ms
+    print(f"\n{title}, {threads} thread{'s' if threads > 1 else ''} (median of {next(iter(timings.values())).runs})")
+    print(f"  {'variant':<28} {'ms':>8} {'p90':>8} {'vs torch':>9} {'vs ONNX fp32':>12} {'RTF':>8}")
+    for name, t in timings.items():
+        print(f"  {name:<28} {t.median_ms:8.2f} {t.p90_ms:8.2f} {t.median_ms / torch_ms:8.2f}x "
+              f"{t.median_ms / onnx_ms:11.2f}x {t.median_ms / 1e3 / CLIP_SECONDS:8.5f}")
+
+
+def agreement_lines(paths: dict[str, Path], inputs: np.ndarray, label: str) -> None:
+    reference = ort_session(paths["fp32"]).run(None, {"log_mel": inputs})[0]
+    for name in ("int8 naive", "int8 planned"):
+        logits = ort_session(paths[name]).run(None, {"log_mel": inputs})[0]
+        a = compare_logits(reference, logits, reference_name="ONNX fp32", candidate_name=name)
+        print(f"  {label} {name:<13} top-1 agreement with ONNX fp32 {a.top1_agreement:6.1%} on {a.clips} clips, "
+              f"max |dlogit| {a.max_abs_diff:.3f} (max |logit| {a.reference_scale:.2f})")
+
+
+def run_agreement(run_dir: Path, work: Path, plan: PrecisionPlan, clips: int, search_bar: float | None) -> None:
+    """Calibrate on the run's training clips, compare int8 with fp32 on its eval clips; with
+    ``search_bar``, also let :func:`plan_precision` search plans at that agreement bar."""
+    from asc.export.bundle import open_run, run_clipset, sample_clips, split_dataset
+
+    run = open_run(run_dir)
+    clipset = run_clipset(run, progress=False)
+    train = sample_clips(split_dataset(run, clipset, run.config.data.train_split, as_features=True, progress=False),
+                         64, split="train")
+    evaluation = sample_clips(split_dataset(run, clipset, run.config.data.eval_split, as_features=True,
+                                            progress=False), clips, split="eval")
+    calibration = list(train.batches())
+    inputs = np.concatenate(list(evaluation.batches()))
+    paths = export_variants("run", run.model, calibration, work, plan)
+    print(f"\nagreement of the trained run {run_dir} (calibration: 64 training clips):")
+    agreement_lines(paths, inputs, "trained")
+    if search_bar is not None:
+        print(f"\nplan search on the trained run, input {tuple(inputs.shape[1:])}:")
+        print(plan_precision(paths["fp32"], calibration, inputs, min_agreement=search_bar, repeats=10,
+                             work_dir=work).format())
+
+
+def time_variants(models: dict[str, torch.nn.Module], paths: dict[str, dict[str, Path]],
+                  pt2e: torch.nn.Module | None, feed: np.ndarray, threads: int, repeats: int, width: int) -> None:
+    torch.set_num_threads(threads)
+    for label, model in models.items():
+        calls: dict[str, Callable[[], object]] = {"torch eager fp32": torch_call(model, feed)}
+        for name, path in paths[label].items():
+            session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+            calls[f"ONNX {name}"] = (lambda s=session: s.run(None, {"log_mel": feed}))
+        if pt2e is not None and not label:
+            calls["torch PT2E int8"] = torch_call(pt2e, feed)
+        print_table(f"{label}c={width}", interleaved(calls, repeats=repeats), threads)
+    torch.set_num_threads(1)
+
+
+def frontend_share(features: FeatureConfig, paths: dict[str, Path], feed: np.ndarray, work: Path,
+                   repeats: int) -> None:
+    """Front-end time of one clip next to the model's, librosa and in-graph ONNX, 1 thread."""
+    clip = (np.random.default_rng(0).standard_normal((1, int(CLIP_SECONDS * features.sample_rate))) * 0.1
+            ).astype(np.float32)
+    frontend = ort_session(export_frontend(features, clip.shape[1], work / "frontend.onnx"))
+    fp32, planned = ort_session(paths["fp32"]), ort_session(paths["int8 planned"])
+    t = interleaved({"librosa": lambda: log_mel(clip, features),
+                     "onnx": lambda: frontend.run(None, {"audio": clip}),
+                     "fp32": lambda: fp32.run(None, {"log_mel": feed}),
+                     "planned": lambda: planned.run(None, {"log_mel": feed})}, repeats=repeats)
+    onnx_ms = t["onnx"].median_ms
+    print(f"\nfront end for one {CLIP_SECONDS:g}-s clip, 1 thread: librosa/numpy {t['librosa'].median_ms:.2f} ms, "
+          f"in-graph ONNX STFT {onnx_ms:.2f} ms; in-graph share of end to end: "
+          f"{onnx_ms / (onnx_ms + t['fp32'].median_ms):.0%} with ONNX fp32, "
+          f"{onnx_ms / (onnx_ms + t['planned'].median_ms):.0%} with int8 planned")
+
+
+def step_table(fp32: Path, calibration: list[np.ndarray], feed: np.ndarray, work: Path, repeats: int) -> None:
+    """What each rewrite bought: cumulative plans timed side by side with fp32 (1 thread)."""
+    steps = {"naive (all int8, no rewrites)": NAIVE_PLAN, "norms + input front float": PrecisionPlan(rewrites=())}
+    for i in range(1, len(REWRITES) + 1):
+        steps[f"+ {REWRITES[i - 1]}"] = PrecisionPlan(rewrites=REWRITES[:i])
+    calls: dict[str, Callable[[], object]] = {}
+    for i, (name, plan) in enumerate({"fp32": None, **steps}.items()):
+        path = fp32 if plan is None else quantize_planned(fp32, work / f"step{i}.onnx", calibration, plan)
+        session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+        calls[name] = (lambda s=session: s.run(None, {"log_mel": feed}))
+    timings = interleaved(calls, repeats=repeats)
+    print(f"\nint8 step by step, 1 thread (median of {repeats}, same loop):")
+    for name, t in timings.items():
+        print(f"  {name:<36} {t.median_ms:8.2f} ms  {t.median_ms / timings['fp32'].median_ms:5.2f}x ONNX fp32")
+
+
+def print_profile(paths: dict[str, Path], feed: np.ndarray) -> None:
+    profiles = {name: profile_ops(path, feed) for name, path in paths.items()}
+    ops = sorted(set().union(*profiles.values()), key=lambda op: -max(p.get(op, 0.0) for p in profiles.values()))
+    print("\nper-op-type kernel time, ms per clip, 1 thread (onnxruntime profiler)")
+    print(f"  {'op type':<22}" + "".join(f"{name:>14}" for name in profiles))
+    for op in ops:
+        print(f"  {op:<22}" + "".join(f"{p.get(op, 0.0):14.2f}" for p in profiles.values()))
+    print(f"  {'total':<22}" + "".join(f"{sum(p.values()):14.2f}" for p in profiles.values()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=40)
+    parser.add_argument("--prune", type=float, default=0.5, help="channel-pruning ratio of the pruned model (0: none)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--calibration", type=int, default=16, help="calibration clips (random)")
+    parser.add_argument("--agree-clips", type=int, default=64, help="random clips for the agreement smoke test")
+    parser.add_argument("--run", type=Path, help="a trained run folder: agreement on its own eval clips")
+    parser.add_argument("--run-clips", type=int, default=400)
+    parser.add_argument("--search", action="store_true",
+                        help="also run plan_precision (slow): on the --run model at --min-agreement, else on the "
+                             "random model with no agreement bar (its choice is then timed too)")
+    parser.add_argument("--min-agreement", type=float, default=0.99)
+    parser.add_argument("--no-pt2e", action="store_true", help="skip the torchao PT2E int8 model (~1 min to build)")
+    parser.add_argument("--profile", action="store_true", help="per-op-type kernel time, fp32 vs int8 (1 thread)")
+    parser.add_argument("--steps", action="store_true", help="time the rewrites one by one (cumulative, 1 thread)")
+    args = parser.parse_args()
+
+    features = FeatureConfig()
+    shape = (features.n_mels, features.num_frames(int(CLIP_SECONDS * features.sample_rate)))
+    torch.set_num_threads(1)
+    calibration = [log_mel_like(1, shape, seed) for seed in range(args.calibration)]
+    feed = log_mel_like(1, shape, seed=1000)
+    plan = PrecisionPlan()
+    print(f"BC-ResNet-Mod c={args.width}, random weights, input 1x1x{shape[0]}x{shape[1]} ({CLIP_SECONDS:g}-s clip "
+          f"at {features.sample_rate} Hz), onnxruntime {ort.__version__}, torch {torch.__version__}")
+    print(f"planned int8: {plan.describe()}")
+
+    with tempfile.TemporaryDirectory(prefix="asc-latency-") as tmp:
+        work = Path(tmp)
+        start = time.perf_counter()
+        model = random_model(args.width, shape)
+        models = {"": model}
+        if args.prune > 0:
+            models[f"pruned {args.prune:g} "] = prune_channels(model, torch.from_numpy(feed), args.prune).eval()
+        paths = {label: export_variants(f"m{i}", m, calibration, work, plan)
+                 for i, (label, m) in enumerate(models.items())}
+        if args.search and args.run is None:
+            report = plan_precision(paths[""]["fp32"], calibration[:8], log_mel_like(32, shape, seed=7), rounds=1,
+                                    min_agreement=0.0, repeats=10, work_dir=work)
+            print(report.format())
+            if report.chosen.plan is not None:
+                paths[""]["int8 searched"] = quantize_planned(paths[""]["fp32"], work / "searched.onnx", calibration,
+                                                              report.chosen.plan)
+        pt2e = None
+        if not args.no_pt2e:
+            try:
+                pt2e = pt2e_int8(model, shape, calibration[:4])
+            except Exception as error:  # noqa: BLE001 -- report any failure of the optional variant
+                print(f"PT2E int8 in torch: failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+        print(f"(built every variant in {time.perf_counter() - start:.0f} s)")
+
+        for threads in args.threads:
+            time_variants(models, paths, pt2e, feed, threads, args.repeats, args.width)
+        frontend_share(features, paths[""], feed, work, args.repeats)
+        print("\nagreement (int8 vs ONNX fp32):")
+        for label in models:
+            agreement_lines(paths[label], log_mel_like(args.agree_clips, shape, seed=99),
+                            f"random-weight {label}c={args.width}:")
+        if args.run is not None:
+            run_agreement(args.run, work, plan, args.run_clips, args.min_agreement if args.search else None)
+        if args.steps:
+            step_table(paths[""]["fp32"], calibration, feed, work, args.repeats)
+        if args.profile:
+            print_profile(paths[""], feed)
+
+
+if __name__ == "__main__":
+    main()

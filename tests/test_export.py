@@ -1,0 +1,354 @@
+"""Export of a really trained tiny run: ONNX parity with torch, int8 census and gate, bundle folder."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from asc.bundle_manifest import MANIFEST_NAME, PARITY_NAME, BundleManifest
+from asc.config import RunConfig, load_config
+from asc.errors import AscError, ConfigError
+from asc.export import (
+    Int8Options,
+    export_onnx,
+    export_run,
+    export_trained,
+    fusion_census,
+    open_run,
+    ort_session,
+    quantize_int8,
+    run_clipset,
+    sample_clips,
+    split_dataset,
+)
+from asc.export.precision import PrecisionPlan
+from asc.features import LogMel
+from asc.train.checkpoint import load_checkpoint, save_checkpoint
+from asc.train.loop import train_or_resume
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 6  # fewer leave a model that predicts one class, where any int8 graph agrees with it
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_overrides) -> SimpleNamespace:
+    """A BC-ResNet-Mod (width 8) trained for a few epochs on the tiny synthetic corpus."""
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    train_or_resume(load_config(RunConfig, overrides=tiny_overrides(EPOCHS)), run_dir, progress=False)
+    run = open_run(run_dir)
+    clipset = run_clipset(run, progress=False)
+    waves = split_dataset(run, clipset, "evaluate", as_features=False, progress=False)
+    mels = split_dataset(run, clipset, "evaluate", as_features=True, progress=False)
+    train_mels = split_dataset(run, clipset, "train", as_features=True, progress=False)
+    # every eval clip, so the tests can recompute what parity.json claims
+    audio = torch.from_numpy(np.stack([waves[i][0].numpy() for i in range(len(waves))]))
+    log_mel = torch.from_numpy(np.stack([mels[i][0].numpy() for i in range(len(mels))]))
+    with torch.no_grad():
+        reference = run.model(log_mel).numpy()
+    return SimpleNamespace(run_dir=run_dir, run=run, audio=audio, log_mel=log_mel, reference=reference,
+                           targets=np.asarray(waves.targets), eval_size=len(waves), train_mels=train_mels,
+                           convs=sum(isinstance(m, nn.Conv2d) for m in run.model.modules()))
+
+
+def run_file(path: Path, x: torch.Tensor) -> np.ndarray:
+    session = ort_session(path)
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def leftovers(bundle: Path) -> list[str]:
+    """Hidden staging folders of ``bundle`` that an export left behind."""
+    return sorted(p.name for p in bundle.parent.glob(f".{bundle.name}.*"))
+
+
+@pytest.fixture(scope="module")
+def fp32_in_graph(trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "fp32"
+    export_trained(trained.run, out, precision="fp32", frontend="in-graph", parity_clips=None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_in_graph(trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "int8"
+    # a model this small and short-trained has small logit margins, so int8 flips ~10 % of its
+    # decisions; the gate itself is tested below with a really bad calibration
+    export_trained(trained.run, out, precision="int8", frontend="in-graph", calibration_clips=64, parity_clips=None,
+                   min_agreement=0.6, progress=False)
+    return out
+
+
+# --------------------------------------------------------------------------------------- inputs
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path):
+    with pytest.raises(AscError, match="no such run folder") as error:
+        export_run(tmp_path / "missing", tmp_path / "b")
+    assert str(error.value).startswith(str(tmp_path / "missing")) and "\n" not in str(error.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AscError, match=r"not a run folder \(no config.yaml\)"):
+        export_run(tmp_path / "empty", tmp_path / "b")
+    with pytest.raises(ConfigError, match="percentile"):
+        Int8Options(calibration="percentile", percentile=0.0)
+    with pytest.raises(ConfigError, match="calibration"):
+        Int8Options(calibration="entropy")  # type: ignore[arg-type]
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_line_errors(trained, tmp_path: Path):
+    assert trained.run.features.n_mels == 32  # the tiny preset the tests rely on
+    with pytest.raises(AscError, match="checkpoint not found"):
+        export_run(trained.run_dir, tmp_path / "b", checkpoint="nope")
+    with pytest.raises(ConfigError, match="checkpoint must be a name"):
+        export_run(trained.run_dir, tmp_path / "b", checkpoint="../last")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AscError, match="is a file"):
+        export_trained(trained.run, tmp_path / "file")
+    with pytest.raises(AscError, match="not an asc bundle"):
+        export_trained(trained.run, trained.run_dir)  # never replaces a folder that is not a bundle
+    with pytest.raises(ConfigError, match="precision"):
+        export_trained(trained.run, tmp_path / "b", precision="int4")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="frontend"):
+        export_trained(trained.run, tmp_path / "b", frontend="inside")  # type: ignore[arg-type]
+    assert not (tmp_path / "b").exists() and not leftovers(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_incompatible_checkpoint_is_refused(trained, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    state["model_spec"]["args"]["width"] = 16
+    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
+    with pytest.raises(AscError, match="incompatible asc version") as error:
+        export_run(run_dir, tmp_path / "b")
+    assert "\n" not in str(error.value) and str(run_dir / "checkpoints" / "last.pt") in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------- fp32
+
+
+@pytest.mark.slow
+def test_fp32_bundle_matches_torch_on_raw_audio(trained, fp32_in_graph: Path):
+    manifest = BundleManifest.read(fp32_in_graph)
+    run = trained.run
+    assert (manifest.precision, manifest.frontend_in_graph, manifest.input_name) == ("fp32", True, "audio")
+    assert manifest.input_shape == ["batch", 16000] and manifest.clip_samples == 16000
+    assert manifest.labels == run.labels and manifest.features == run.features and manifest.sample_rate == 16000
+    assert manifest.source["run"] == str(trained.run_dir.resolve()) and manifest.source["epoch"] == EPOCHS
+    assert manifest.asc_version and manifest.source["quantization"] is None
+
+    # the whole graph (STFT front end + CNN) against torch LogMel + model on the same PCM
+    with torch.no_grad():
+        expected = run.model(LogMel(run.features)(trained.audio)).numpy()
+    np.testing.assert_allclose(expected, trained.reference, rtol=0, atol=1e-4)  # cached log-mels == LogMel
+    logits = run_file(fp32_in_graph / "model.onnx", trained.audio)
+    scale = np.abs(expected).max()
+    assert scale > 0.5 and np.abs(logits - expected).max() < 1e-4 * scale
+    assert (logits.argmax(1) == expected.argmax(1)).all()
+
+    parity = json.loads((fp32_in_graph / PARITY_NAME).read_text())
+    assert parity["clips"] == trained.eval_size == 90 and parity["split"] == "evaluate"
+    first = parity["comparisons"][0]
+    assert (first["candidate"], first["reference"], first["top1_agreement"]) == ("onnx_fp32", "torch", 1.0)
+    assert first["max_abs_diff"] < 1e-4 * first["reference_scale"]
+    assert parity["frontend_max_abs_diff"] < 1e-3  # ONNX STFT vs torch.stft, in log-mel units
+    assert parity["accuracy"]["onnx_fp32"]["accuracy"] == parity["accuracy"]["torch"]["accuracy"]
+    assert set(parity["accuracy"]["torch"]["per_group"]) == {"real", "seen", "unseen"}
+    assert manifest.metrics["accuracy"] == parity["accuracy"]["onnx_fp32"]
+    assert parity["gate"]["passed"] and parity["census"]["qlinear_convs"] == 0
+
+
+@pytest.mark.slow
+def test_fp32_file_is_one_small_stripped_graph_with_a_dynamic_batch(fp32_in_graph: Path):
+    assert sorted(p.name for p in fp32_in_graph.iterdir()) == [
+        "bundle.json", "model.onnx", "model.ort", "parity.json", "required_operators.config"]
+    model = onnx.load(str(fp32_in_graph / "model.onnx"))
+    assert model.opset_import[0].version >= 17 and [o.domain for o in model.opset_import] == [""]
+    assert all(not node.metadata_props for node in model.graph.node) and not model.graph.value_info
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert "STFT" in {node.op_type for node in model.graph.node}
+    assert (fp32_in_graph / "model.onnx").stat().st_size < 150_000  # ~88 KB; 36 KB is the mel filterbank
+
+
+@pytest.mark.slow
+def test_ort_format_file_is_written_and_computes_the_same(trained, fp32_in_graph: Path):
+    manifest = BundleManifest.read(fp32_in_graph)
+    assert manifest.ort_file == "model.ort"
+    ort_logits = run_file(fp32_in_graph / "model.ort", trained.audio[:5])  # batch 5: the batch is dynamic
+    np.testing.assert_allclose(ort_logits, run_file(fp32_in_graph / "model.onnx", trained.audio[:5]), atol=1e-5)
+    operators = (fp32_in_graph / "required_operators.config").read_text()
+    assert "STFT" in operators and "Conv" in operators and "/tmp/asc-ort" not in operators
+
+
+# ----------------------------------------------------------------------------------------- int8
+
+
+@pytest.mark.slow
+def test_int8_parity_is_measured_and_stored(trained, int8_in_graph: Path):
+    manifest = BundleManifest.read(int8_in_graph)
+    assert (manifest.precision, manifest.input_name) == ("int8", "audio")
+    assert manifest.source["quantization"] == "ptq-minmax" and manifest.source["calibration_clips"] == 64
+    parity = json.loads((int8_in_graph / PARITY_NAME).read_text())
+    comparisons = {c["candidate"]: c for c in parity["comparisons"]}
+    assert set(comparisons) == {"onnx_fp32", "onnx_int8", "ort"}
+    int8 = comparisons["onnx_int8"]
+    assert int8["reference"] == "onnx_fp32" and int8["clips"] == 90
+    assert 0.6 <= int8["top1_agreement"] <= 1.0 and 0 < int8["max_abs_diff"] < int8["reference_scale"]
+    assert manifest.metrics["top1_agreement"] == int8["top1_agreement"]
+    assert manifest.metrics["max_abs_logit_diff"] == int8["max_abs_diff"]
+
+    # recompute: the int8 file against torch, which the fp32 file matches decision for decision
+    assert comparisons["onnx_fp32"]["top1_agreement"] == 1.0
+    logits = run_file(int8_in_graph / "model.onnx", trained.audio)
+    assert (logits.argmax(1) == trained.reference.argmax(1)).mean() == pytest.approx(int8["top1_agreement"])
+    assert np.abs(logits - trained.reference).max() == pytest.approx(int8["max_abs_diff"], abs=1e-4)
+    accuracy = (logits.argmax(1) == trained.targets).mean()
+    assert parity["accuracy"]["onnx_int8"]["accuracy"] == pytest.approx(accuracy)
+    assert manifest.metrics["accuracy"] == parity["accuracy"]["onnx_int8"]
+    assert manifest.metrics["reference_accuracy"]["accuracy"] == pytest.approx(
+        (trained.reference.argmax(1) == trained.targets).mean())
+
+
+@pytest.mark.slow
+def test_every_conv_runs_as_qlinearconv_and_the_norms_stay_float(trained, int8_in_graph: Path):
+    census = fusion_census(int8_in_graph / "model.onnx")
+    assert census.qlinear_convs == census.quantized_convs == census.convs == trained.convs == 33
+    assert census.float_convs == 0
+    parity = json.loads((int8_in_graph / PARITY_NAME).read_text())
+    assert parity["census"]["qlinear_convs"] == 33 and parity["census"]["quantized_convs"] == 33
+    # the only int8 multiplies are the SiLUs' x * sigmoid(x); every frequency-norm Mul runs float
+    silus = sum(isinstance(m, nn.SiLU) for m in trained.run.model.modules())
+    assert census.op_counts["QLinearMul"] == silus == 9
+    assert census.op_counts["STFT"] == 1  # the front end stays float inside the int8 graph
+    assert json.loads((int8_in_graph / MANIFEST_NAME).read_text())["metrics"]["qlinear_convs"] == 33
+
+
+@pytest.mark.slow
+def test_a_plan_keeps_chosen_nodes_float(trained, tmp_path: Path):
+    """The mixed-precision hook: a callable picks nodes of the pre-processed graph to keep float."""
+    cnn = export_onnx(trained.run.model, trained.log_mel[:2], tmp_path / "cnn.onnx", input_name="log_mel")
+
+    def depthwise(model: onnx.ModelProto) -> list[str]:
+        return [n.name for n in model.graph.node if n.op_type == "Conv"
+                and next(a.i for a in n.attribute if a.name == "group") > 1]
+
+    calibration = sample_clips(trained.train_mels, 16, split="train")
+    with pytest.raises(ConfigError, match="not in the graph"):
+        quantize_int8(cnn, tmp_path / "bad.onnx", calibration.batches(), Int8Options(keep_float=("no_such_node",)))
+    out = quantize_int8(cnn, tmp_path / "int8.onnx", calibration.batches(), Int8Options(keep_float=depthwise),
+                        float_nodes=())
+    census = fusion_census(out)
+    kept = len(depthwise(onnx.load(str(cnn))))
+    assert kept == 18  # frequency and temporal depthwise convs of the 9 blocks
+    assert census.quantized_convs == 33 - kept  # the quantizer left their weights float
+    # onnxruntime quantizes a float-weight conv at load time when its input and output are
+    # quantized anyway (the frequency convs); the census shows what really runs
+    assert census.qlinear_convs + census.float_convs == 33 and census.float_convs == 9
+
+
+# ----------------------------------------------------------------------------------------- gate
+
+
+@pytest.mark.slow
+def test_parity_gate_refuses_a_bad_int8_model_and_force_writes_it(trained, fp32_in_graph: Path, tmp_path: Path):
+    bundle = tmp_path / "gate"
+    shutil.copytree(fp32_in_graph, bundle)  # an older bundle at the destination
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    clipped = PrecisionPlan(calibration="percentile", percentile=90.0)  # clips 10 % of every activation
+    options = dict(precision="int8", frontend="external", int8=clipped, calibration_clips=8, min_agreement=0.6,
+                   ort_format=False, progress=False)
+    with pytest.raises(AscError) as error:
+        export_trained(trained.run, bundle, **options)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{bundle}: top-1 agreement onnx_int8 vs onnx_fp32 is ")
+    assert "below the 60% gate" in message and "--force" in message and "QAT" in message
+    # refused after everything was written to the staging folder: nothing of it is left, the old bundle is intact
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before and not leftovers(bundle)
+
+    manifest = export_trained(trained.run, bundle, force=True, **options)
+    parity = json.loads((bundle / PARITY_NAME).read_text())
+    assert parity["gate"] == {"comparison": "onnx_int8 vs onnx_fp32", "agreement": manifest.metrics["top1_agreement"],
+                              "min_agreement": 0.6, "forced": True, "passed": False}
+    assert manifest.metrics["top1_agreement"] < 0.6 and manifest.metrics["forced"]
+    assert BundleManifest.read(bundle) == manifest and manifest.ort_file is None
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "model.onnx", "parity.json"]
+    assert manifest.input_shape == ["batch", 1, 32, 63] and manifest.input_name == "log_mel"
+    assert not leftovers(bundle)
+
+
+# ------------------------------------------------------------------------------------------ QAT
+
+
+@pytest.mark.slow
+def test_a_qat_graph_is_exported_as_is(trained, tmp_path: Path):
+    from asc.compress.quant import Int8QAT, int8_conv_weights
+
+    run = trained.run
+    hook = Int8QAT((1, 32, 63))
+    qat = hook.wrap_model(copy.deepcopy(run.model))
+    qat.train()
+    qat.freeze(bn=True, observers=False)  # observe ranges without moving BN statistics
+    with torch.no_grad():
+        for batch in sample_clips(trained.train_mels, 32, split="train").batches():
+            qat(torch.from_numpy(batch))
+    qat.eval()
+    graph = hook.finalize(qat)
+    qat_run = dataclasses.replace(run, model=graph)
+    with pytest.raises(AscError, match="--int8"):
+        export_trained(qat_run, tmp_path / "fp32", precision="fp32", progress=False)
+    manifest = export_trained(qat_run, tmp_path / "qat", precision="int8", frontend="external", min_agreement=0.6,
+                              ort_format=False, parity_clips=48, progress=False)
+    parity = json.loads((tmp_path / "qat" / PARITY_NAME).read_text())
+    assert [(c["candidate"], c["reference"]) for c in parity["comparisons"]] == [("onnx_int8", "torch")]
+    assert manifest.source["quantization"] == "qat" and manifest.source["calibration_clips"] is None
+    assert manifest.metrics["qlinear_convs"] == manifest.metrics["convs"] == 33
+    # exported as is, not re-quantized: the file holds the graph's own int8 weights and scales
+    model = onnx.load(str(tmp_path / "qat" / "model.onnx"))
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    weights = [producers[n.input[1]] for n in model.graph.node if n.op_type == "Conv"]
+    deployed = int8_conv_weights(graph)
+    assert len(weights) == len(deployed) == 33
+    for dequantize, expected in zip(weights, deployed, strict=True):
+        np.testing.assert_array_equal(constants[dequantize.input[0]], expected.q.numpy())
+        np.testing.assert_allclose(constants[dequantize.input[1]], expected.scale.numpy(), rtol=1e-6)
+    # and it computes what the graph computes, up to requantization ties (x / s in ONNX, x * (1/s) in torch)
+    session = ort_session(tmp_path / "qat" / "model.onnx", fused=False)
+    unfused = session.run(None, {"log_mel": trained.log_mel.numpy()})[0]
+    with torch.no_grad():
+        per_clip = np.abs(unfused - graph(trained.log_mel).numpy()).max(axis=1)
+    assert np.median(per_clip) < 1e-4 and per_clip.max() < 0.1
+
+
+# ---------------------------------------------------------------------------------- phone script
+
+
+@pytest.mark.slow
+def test_phone_bundle_script(trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    spec = importlib.util.spec_from_file_location("phone_bundle", REPO / "export" / "phone_bundle.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "phone"
+    assert script.main([str(trained.run_dir), "--out", str(out), "--frontend", "external", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "fp32, front end external, input log_mel batchx1x32x63" in printed
+    assert "model.ort" in printed and "ORT Mobile usability:" in printed and "NNAPI EP" in printed
+    manifest = BundleManifest.read(out)
+    assert manifest.ort_file == "model.ort" and (out / "required_operators.config").is_file()
+    assert manifest.metrics["top1_agreement"] == 1.0
+    np.testing.assert_allclose(run_file(out / "model.ort", trained.log_mel), trained.reference, atol=1e-4)
+    assert script.main([str(trained.run_dir / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "phone_bundle: error:" in capsys.readouterr().err

@@ -1,0 +1,240 @@
+"""Mixed-precision planning: exact rewrites, node groups, plans that really keep nodes float."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from asc.errors import ConfigError
+from asc.export.onnx import nodes_inside, ort_session, save_onnx, torch_to_onnx
+from asc.export.precision import (
+    DEFAULT_FLOAT_GROUPS,
+    GROUPS,
+    NAIVE_PLAN,
+    PlanMeasurement,
+    PrecisionPlan,
+    _next_step,
+    node_groups,
+    plan_precision,
+    quantize_planned,
+    rewrite_for_int8,
+    share_concat_ranges,
+)
+from asc.export.verify import Agreement, fusion_census
+from asc.models import FreqNorm, build_model
+
+N_MELS, FRAMES = 32, 41  # odd frame count: the stem's space-to-depth needs an extra padding column
+N_BLOCKS, N_NORMS = 9, 5  # BC-ResNet-Mod: 2+2+2+3 blocks, the input norm plus one per stage
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model("bcresnet_mod", 10, width=8, freq_norm="resnorm")
+    model.train()
+    with torch.no_grad():  # non-trivial BN statistics, so folding them is really tested
+        for _ in range(3):
+            model(torch.randn(8, 1, N_MELS, FRAMES) * 2 + 1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def dynamo_exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """The width-8 model exported as the exporter does (~15 s), plus its frequency-norm node names."""
+    proto = torch_to_onnx(_model(), torch.zeros(2, 1, N_MELS, FRAMES), input_name="log_mel")
+    norm_nodes = nodes_inside(proto, FreqNorm)
+    return save_onnx(proto, tmp_path_factory.mktemp("precision") / "fp32.onnx"), norm_nodes
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model through the TorchScript exporter: under a second, and a harder graph for the
+    rewrites (Shape/Gather-computed reshapes, weights shared through Identity nodes)."""
+    path = tmp_path_factory.mktemp("precision-legacy") / "fp32.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_model(), (torch.zeros(1, 1, N_MELS, FRAMES),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "b"}})
+    return path
+
+
+def _inputs(n: int, seed: int = 1) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n, 1, N_MELS, FRAMES)) * 2 + 1).astype(np.float32)
+
+
+def _run(path_or_model: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    if isinstance(path_or_model, onnx.ModelProto):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(path_or_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    else:
+        session = ort_session(path_or_model)
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _check_rewrites_are_exact(path: Path) -> None:
+    original = onnx.load(str(path))
+    rewritten, report = rewrite_for_int8(original)
+    assert report.applied == {"subspectral_bands": N_BLOCKS, "stem_space_to_depth": 1, "freq_mean_conv": N_BLOCKS,
+                              "norm_affine_on_input": N_NORMS}
+    onnx.checker.check_model(rewritten, full_check=True)
+    ops, before = Counter(n.op_type for n in rewritten.graph.node), Counter(n.op_type for n in original.graph.node)
+    assert ops["BatchNormalization"] == 0  # every sub-spectral norm folded into band convs
+    assert ops["SpaceToDepth"] == 1
+    assert sum(n.op_type == "Concat" and ".asc_band" in n.name for n in rewritten.graph.node) == N_BLOCKS
+    assert ops["Conv"] == before["Conv"] + N_BLOCKS * 3 + N_BLOCKS  # 4 band convs replace 1, + one mean conv each
+    assert ops["ReduceMean"] == before["ReduceMean"] - N_BLOCKS
+    x = _inputs(4)
+    expected, got = _run(path, x), _run(rewritten, x)
+    assert np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_rewrites_are_exact(exported: Path) -> None:
+    _check_rewrites_are_exact(exported)
+
+
+@pytest.mark.slow
+def test_rewrites_are_exact_on_the_exporters_graph(dynamo_exported: tuple[Path, list[str]]) -> None:
+    _check_rewrites_are_exact(dynamo_exported[0])
+
+
+def test_rewrites_can_be_chosen_one_by_one(exported: Path) -> None:
+    original = onnx.load(str(exported))
+    for name, op in [("stem_space_to_depth", "SpaceToDepth"), ("subspectral_bands", "Concat")]:
+        rewritten, report = rewrite_for_int8(original, [name])
+        assert set(report.applied) == {name}
+        assert Counter(n.op_type for n in rewritten.graph.node)[op] >= 1
+    untouched, report = rewrite_for_int8(original, ())
+    assert report.applied == {}
+    assert len(untouched.graph.node) == len(original.graph.node)
+    with pytest.raises(ConfigError, match="unknown int8 rewrites"):
+        rewrite_for_int8(original, ["fold_everything"])
+
+
+def test_node_groups_partition_the_graph(exported: Path) -> None:
+    rewritten, _ = rewrite_for_int8(onnx.load(str(exported)))
+    groups = node_groups(rewritten)
+    names = [n.name for n in rewritten.graph.node]
+    assert sorted(name for members in groups.values() for name in members) == sorted(names)
+    convs = {n.name for n in rewritten.graph.node if n.op_type == "Conv"}
+    assert len([n for n in groups["band_conv"] if n in convs]) == N_BLOCKS * 4
+    assert len(groups["freq_mean"]) == N_BLOCKS
+    assert len(groups["stem"]) == 1
+    assert len(groups["norm_output"]) == 2 * (N_NORMS - 1)  # the input norm is in the prefix
+    assert all(n.op_type not in ("Conv",) for n in rewritten.graph.node if n.name in groups["prefix"])
+    assert len(groups["pointwise"]) == 4 + N_BLOCKS + 1  # transitions, block pointwise convs, classifier
+
+
+def _consumer_ops(model: onnx.ModelProto, node_name: str) -> set[str]:
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return {n.op_type for n in model.graph.node if node.output[0] in n.input}
+
+
+def test_plan_keeps_its_groups_float(exported: Path, tmp_path: Path) -> None:
+    path = exported
+    calibration = [_inputs(4, seed=s) for s in range(2)]
+    default = quantize_planned(path, tmp_path / "default.onnx", calibration)
+    moved = quantize_planned(path, tmp_path / "moved.onnx", calibration, PrecisionPlan().toggled("norm_output"))
+    default_model, moved_model = onnx.load(str(default)), onnx.load(str(moved))
+    prefix = set(node_groups(rewrite_for_int8(onnx.load(str(path)))[0])["prefix"])
+    output_muls = [n.name for n in default_model.graph.node if n.name.endswith(".asc_norm_output_mul")]
+    assert len(output_muls) == N_NORMS and len(prefix.intersection(output_muls)) == 1  # the input norm's
+    for name in output_muls:
+        assert "QuantizeLinear" not in _consumer_ops(default_model, name)  # float: feeds the float add
+        quantized = "QuantizeLinear" in _consumer_ops(moved_model, name)
+        assert quantized == (name not in prefix)  # moved to int8, except the input norm (prefix stays float)
+    census = fusion_census(default)
+    assert census.float_convs == 0
+    rewritten = rewrite_for_int8(onnx.load(str(path)))[0]
+    assert census.qlinear_convs == sum(n.op_type == "Conv" for n in rewritten.graph.node)
+    x = _inputs(8, seed=5)
+    reference = _run(path, x)
+    assert np.abs(_run(default, x) - reference).max() < 0.25 * np.abs(reference).max()
+
+
+@pytest.mark.slow
+def test_exporter_float_nodes_survive_the_rewrites(dynamo_exported: tuple[Path, list[str]], tmp_path: Path) -> None:
+    path, norm_nodes = dynamo_exported
+    rewritten, report = rewrite_for_int8(onnx.load(str(path)))
+    translated = report.translate(norm_nodes, rewritten.graph)
+    names = {n.name for n in rewritten.graph.node}
+    assert translated and set(translated) <= names
+    assert {n for n in names if ".asc_norm_output" in n} <= set(translated)  # the rewritten output ops
+    out = quantize_planned(path, tmp_path / "int8.onnx", [_inputs(2)], PrecisionPlan(float_groups=()),
+                           float_nodes=norm_nodes)
+    quantized = onnx.load(str(out))
+    first_mul = next(n.name for n in quantized.graph.node if n.name.endswith(".asc_norm_output_mul"))
+    assert "QuantizeLinear" not in _consumer_ops(quantized, first_mul)
+
+
+def test_band_concats_share_one_range(exported: Path, tmp_path: Path) -> None:
+    out = quantize_planned(exported, tmp_path / "int8.onnx", [_inputs(4)])
+    model = onnx.load(str(out))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    concats = [n for n in model.graph.node if n.op_type == "Concat" and ".asc_band" in n.name]
+    assert len(concats) == N_BLOCKS
+    for concat in concats:
+        scales = {producer[name].input[1] for name in concat.input}
+        assert len(scales) == 1  # every band's DequantizeLinear uses the shared scale
+    assert share_concat_ranges(model) == N_BLOCKS  # idempotent: already shared, shared again identically
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    scale = next(iter({producer[name].input[1] for name in concats[0].input}))
+    assert constants[scale].dtype == np.float32 and float(constants[scale]) > 0
+
+
+def test_plan_validation_and_round_trip() -> None:
+    plan = PrecisionPlan(float_groups=("prefix", "depthwise"), calibration="minmax")
+    assert PrecisionPlan.from_dict(plan.to_dict()) == plan
+    assert set(plan.toggled("depthwise").float_groups) == {"prefix"}
+    assert set(PrecisionPlan().toggled("stem").float_groups) == {*DEFAULT_FLOAT_GROUPS, "stem"}
+    assert set(GROUPS) >= set(DEFAULT_FLOAT_GROUPS)
+    with pytest.raises(ConfigError, match="unknown precision groups"):
+        PrecisionPlan(float_groups=("norms",))
+    with pytest.raises(ConfigError):
+        PrecisionPlan(calibration="entropy")  # type: ignore[arg-type]
+    assert NAIVE_PLAN.rewrites == () and NAIVE_PLAN.float_groups == ()
+
+
+@pytest.mark.slow
+def test_plan_precision_measures_and_chooses(exported: Path, tmp_path: Path) -> None:
+    path = exported
+    report = plan_precision(path, [_inputs(4, seed=s) for s in range(2)], _inputs(12, seed=9), rounds=1,
+                            repeats=3, min_agreement=0.5, work_dir=tmp_path)
+    names = [c.name for c in report.candidates]
+    assert names[:3] == ["fp32", "naive", "start"]
+    assert len(names) > 3 and all(n.startswith("r1 ") for n in names[3:])
+    for candidate in report.candidates:
+        assert candidate.latency_ms > 0 and candidate.fp32_ms > 0
+        assert candidate.ratio == pytest.approx(candidate.latency_ms / candidate.fp32_ms)
+        if candidate.plan is not None:
+            assert candidate.agreement is not None and candidate.agreement.clips == 12
+            assert 0.0 <= candidate.agreement.top1_agreement <= 1.0
+    accepted = [c for c in report.candidates if c.plan is not None and c.accepted(0.5)]
+    if report.int8_wins:
+        assert report.chosen.ratio == min(c.ratio for c in accepted) and report.chosen.ratio < 1.0
+    else:
+        assert report.chosen.name == "fp32" and all(c.ratio >= 1.0 for c in accepted)
+    text = report.format()
+    assert "fp32" in text and "naive" in text
+    with pytest.raises(ConfigError, match="min_agreement"):
+        plan_precision(path, [_inputs(1)], _inputs(1), min_agreement=1.5)
+
+
+def _measured(name: str, ratio: float, agreement: float | None) -> PlanMeasurement:
+    agree = None if agreement is None else Agreement("fp32", name, 100, agreement, 0.1, 0.05, 3.0)
+    return PlanMeasurement(name, PrecisionPlan() if agreement is not None else None, ratio, 1.0, agree)
+
+
+def test_search_steps_follow_speed_then_agreement() -> None:
+    fast_ok, slow_ok = _measured("fast", 0.5, 0.995), _measured("slow", 0.9, 0.999)
+    fast_bad, closer = _measured("fast bad", 0.4, 0.90), _measured("closer", 0.6, 0.97)
+    assert _next_step(_measured("now", 0.8, 0.995), [fast_ok, slow_ok, fast_bad], 0.99, 0.03) is fast_ok
+    assert _next_step(_measured("now", 0.51, 0.995), [fast_ok], 0.99, 0.03) is None  # gain below 3 %
+    assert _next_step(_measured("now", 0.3, 0.95), [slow_ok, fast_bad], 0.99, 0.03) is slow_ok  # reach the bar
+    assert _next_step(_measured("now", 0.3, 0.95), [fast_bad, closer], 0.99, 0.03) is closer  # climb toward it
+    assert _next_step(_measured("now", 0.3, 0.98), [fast_bad, closer], 0.99, 0.03) is None  # no move helps
