@@ -218,7 +218,7 @@ def bench_bundle(bundle_dir: str | os.PathLike[str], threads: Sequence[int] = (1
 
 def format_bench(bench: BundleBench) -> str:
     """A small table for the terminal."""
-    where = "in the graph" if bench.frontend_in_graph else "external (numpy/librosa)"
+    where = "in the graph" if bench.frontend_in_graph else "external (numpy, FastLogMel)"
     lines = [f"{bench.bundle_dir}: {bench.precision}, front end {where}, {bench.clip_seconds:g}-s clips, batch 1",
              (f"  {'threads':>7}  {'end-to-end ms':>13}  {'p90':>7}  {'RTF':>8}  {'x real time':>11}  "
               f"{'front end ms':>12}  {'model ms':>8}  {'front-end share':>15}")]

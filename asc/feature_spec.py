@@ -1,8 +1,9 @@
-"""The front-end specification, torch-free: settings, window, filterbank and a numpy reference.
+"""The front-end specification, torch-free: settings, window, filterbank, the reference and a fast numpy version.
 
 Training uses the torch implementation in :mod:`asc.features`; the runtime on an exported bundle
 and a phone app use this spec (docs/frontend.md). Keeping it free of torch is what lets
 :mod:`asc.runtime` compute features for bundles whose front end is not inside the ONNX graph.
+:func:`log_mel` (librosa) defines the features; :class:`FastLogMel` is what deployment runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import librosa
 import numpy as np
+import scipy.fft
+import scipy.sparse
 
 from asc.errors import ConfigError
 
@@ -58,8 +61,8 @@ class FeatureConfig:
                 ),
                 (
                     not 0 <= self.f_min < self.effective_f_max <= self.sample_rate / 2,
-                    f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={self.f_min}, "
-                    f"f_max={self.f_max}, sample_rate={self.sample_rate}",
+                    (f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={self.f_min}, "
+                     f"f_max={self.f_max}, sample_rate={self.sample_rate}"),
                 ),
                 (self.pad_mode not in PAD_MODES, f"pad_mode={self.pad_mode!r} not in {PAD_MODES}"),
                 (self.mel_norm not in MEL_NORMS, f"mel_norm={self.mel_norm!r} not in {MEL_NORMS}"),
@@ -151,8 +154,9 @@ def mel_filterbank(config: FeatureConfig) -> np.ndarray:
 def log_mel(waveform: np.ndarray, config: FeatureConfig, dtype: type = np.float32) -> np.ndarray:
     """Log-mel ``(..., n_mels, frames)`` of waveforms ``(..., samples)``, computed by librosa in ``dtype``.
 
-    The definition that :class:`asc.features.LogMel` is held to (relative error 1e-4) and what the
-    torch-free runtime computes for bundles whose front end is outside the graph.
+    The reference definition: :class:`asc.features.LogMel` and :class:`FastLogMel` are held to it
+    (relative error 1e-4), and golden vectors are made from it. It is kept as librosa, not as the
+    faster code, so the definition stays independent of what is being checked against it.
     """
     power = librosa.feature.melspectrogram(y=np.asarray(waveform, dtype=dtype), dtype=dtype,
                                            **config.librosa_kwargs())
@@ -160,3 +164,54 @@ def log_mel(waveform: np.ndarray, config: FeatureConfig, dtype: type = np.float3
     if (config.norm_mean, config.norm_std) != (0.0, 1.0):
         features = (features - config.norm_mean) / config.norm_std
     return features.astype(dtype, copy=False)
+
+
+class FastLogMel:
+    """:func:`log_mel` in float32 numpy/scipy, about 3x faster: the front end deployment runs.
+
+    On a 10-s 44.1 kHz clip librosa's log-mel costs about as much as an int8 model, so for
+    bundles whose front end is outside the graph it would be near half the end-to-end time. This
+    builds the window and the filterbank once (the filterbank as a sparse matrix: under 1 % of it
+    is non-zero) and keeps each clip's frames in cache. One FFT worker, so a caller's thread
+    budget is not overrun. Parity with :func:`log_mel` is tested to a relative error of 1e-4.
+    """
+
+    def __init__(self, config: FeatureConfig) -> None:
+        self.config = config
+        self._window = analysis_window(config).astype(np.float32)
+        self._filterbank = scipy.sparse.csr_array(mel_filterbank(config).astype(np.float32))
+        self._pad = config.n_fft // 2 if config.center else 0
+
+    def __call__(self, waveforms: np.ndarray) -> np.ndarray:
+        """Log-mel ``(batch, 1, n_mels, frames)`` of ``(batch, samples)``; ``(1, n_mels, frames)`` of ``(samples,)``.
+
+        The channel dimension is there because it is the layout the exported models take.
+        """
+        cfg = self.config
+        audio = np.asarray(waveforms, dtype=np.float32)
+        if audio.ndim not in (1, 2) or audio.shape[-1] == 0:
+            raise ConfigError(f"features: expected (samples,) or (batch, samples) audio with samples >= 1, "
+                              f"got shape {audio.shape}; pass mono waveforms")
+        clips = audio.reshape(-1, audio.shape[-1])
+        out = np.empty((len(clips), 1, cfg.n_mels, cfg.num_frames(clips.shape[1])), dtype=np.float32)
+        for clip, features in zip(clips, out[:, 0]):
+            self._log_mel_into(clip, features)
+        return out.reshape(*audio.shape[:-1], *out.shape[1:])
+
+    def _log_mel_into(self, clip: np.ndarray, out: np.ndarray) -> None:
+        """One clip's log-mel, written into ``out`` ``(n_mels, frames)``."""
+        cfg = self.config
+        padded = np.pad(clip, self._pad, mode=cfg.pad_mode) if self._pad else clip
+        frames = np.lib.stride_tricks.sliding_window_view(padded, cfg.n_fft)[:: cfg.hop_length]
+        spectrum = scipy.fft.rfft(frames * self._window, axis=-1)
+        # |X| laid out (bins, frames) in one pass, so the filterbank product reads contiguous rows.
+        magnitude = np.abs(spectrum.T, order="C")
+        if cfg.power == 2.0:
+            np.square(magnitude, out=magnitude)
+        elif cfg.power != 1.0:
+            np.power(magnitude, np.float32(cfg.power), out=magnitude)
+        mel = self._filterbank @ magnitude
+        np.log(mel + np.float32(cfg.log_eps), out=out)
+        if (cfg.norm_mean, cfg.norm_std) != (0.0, 1.0):
+            out -= np.float32(cfg.norm_mean)
+            out /= np.float32(cfg.norm_std)

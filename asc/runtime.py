@@ -9,7 +9,7 @@ How a recording becomes one answer:
 1. decode, mix to mono and resample to the bundle's rate (:mod:`asc.audio`);
 2. cut into clip-length windows every ``hop`` samples (:func:`window_starts`);
 3. compute log-mel outside the graph when the bundle's front end is not inside it
-   (:func:`asc.feature_spec.log_mel`);
+   (:class:`asc.feature_spec.FastLogMel`, held to librosa's :func:`asc.feature_spec.log_mel`);
 4. run the windows through onnxruntime in batches;
 5. average the windows' log-probabilities and renormalise. Treating windows as independent
    evidence about one scene, that is the normalised product of their probabilities (a geometric
@@ -30,7 +30,7 @@ from scipy.special import log_softmax, softmax
 from asc.audio import fit_length, load_audio, resample
 from asc.bundle_manifest import BundleManifest
 from asc.errors import AscError, ConfigError
-from asc.feature_spec import log_mel
+from asc.feature_spec import FastLogMel
 
 PathLike = str | os.PathLike[str]
 
@@ -151,6 +151,7 @@ class Classifier:
         self.hop_samples = (
             self.clip_samples if hop_seconds is None else max(1, round(hop_seconds * self.sample_rate))
         )
+        self._frontend = None if self.manifest.frontend_in_graph else FastLogMel(self.features)
         self.model_path, self._session = self._open_session(threads)
         self._fixed_batch = self._check_io()
         self._batch_size = self._fixed_batch or batch_size
@@ -182,7 +183,7 @@ class Classifier:
             real = len(batch)
             if self._fixed_batch is not None and real < self._fixed_batch:
                 batch = np.pad(batch, ((0, self._fixed_batch - real), (0, 0)))
-            model_input = batch if self.manifest.frontend_in_graph else log_mel(batch, self.features)[:, None]
+            model_input = batch if self._frontend is None else self._frontend(batch)
             (output,) = self._session.run([self.manifest.output_name], {self.manifest.input_name: model_input})
             outputs.append(np.asarray(output, dtype=np.float32).reshape(len(batch), -1)[:real])
         logits = np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)), np.float32)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these variants (default: all)")
     parser.add_argument("-q", "--quiet", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run settings for every variant")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may follow the options
     try:
         lines = ["| model | all % | Δ pp | unseen % | parameters | non-zero kB | all kB |",
                  "|---|---:|---:|---:|---:|---:|---:|"]

@@ -1,0 +1,138 @@
+"""FastLogMel: parity with the librosa reference across the config's branches, layout, input checks, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pytest
+
+from asc.errors import ConfigError
+from asc.feature_spec import FastLogMel, FeatureConfig, log_mel
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4
+
+DCASE = FeatureConfig()
+SPEECH_16K = FeatureConfig(sample_rate=16000, n_fft=512, win_length=400, hop_length=160, n_mels=40)
+CONFIGS = {
+    "dcase": DCASE,
+    "16k_win_lt_nfft": SPEECH_16K,
+    "reflect": replace(SPEECH_16K, pad_mode="reflect"),
+    "power1_htk_nonorm": replace(SPEECH_16K, power=1.0, htk=True, mel_norm=None, f_min=50.0, f_max=7000.0),
+    "power1.5_hamming": replace(SPEECH_16K, power=1.5, window="hamming", log_eps=1e-7),
+    "normalised": replace(SPEECH_16K, norm_mean=-4.2, norm_std=3.1),
+    "uncentred_odd_hop": replace(SPEECH_16K, center=False, hop_length=97),
+}
+
+
+def noise_chirp(sample_rate: int, seconds: float, seed: int = 0) -> np.ndarray:
+    n = int(sample_rate * seconds)
+    chirp = 0.5 * librosa.chirp(fmin=40, fmax=0.45 * sample_rate, sr=sample_rate, length=n)
+    noise = 0.05 * np.random.default_rng(seed).standard_normal(n)
+    return (chirp + noise).astype(np.float32)
+
+
+def parity(config: FeatureConfig, audio: np.ndarray) -> float:
+    """Max |FastLogMel - log_mel| over max |log_mel| (the metric of tests/test_features.py)."""
+    ours = FastLogMel(config)(audio[None])[0, 0].astype(np.float64)
+    ref = log_mel(audio, config, dtype=np.float64)
+    assert ours.shape == ref.shape == (config.n_mels, config.num_frames(len(audio)))
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_matches_librosa_reference(name: str) -> None:
+    config = CONFIGS[name]
+    seconds = 10.0 if config is DCASE else 1.5
+    assert parity(config, noise_chirp(config.sample_rate, seconds)) <= TOLERANCE
+
+
+@pytest.mark.filterwarnings("ignore:n_fft=.*too large:UserWarning")  # librosa's, about the reference
+@pytest.mark.parametrize("name", ["dcase", "16k_win_lt_nfft", "reflect"])
+@pytest.mark.parametrize("length", ["100", "n_fft-1", "n_fft"])  # 100: reflect padding repeats the clip
+def test_short_clip_matches_reference(name: str, length: str) -> None:
+    config = CONFIGS[name]
+    samples = {"100": 100, "n_fft-1": config.n_fft - 1, "n_fft": config.n_fft}[length]
+    audio = noise_chirp(config.sample_rate, 1.0, seed=1)[:samples]
+    assert parity(config, audio) <= TOLERANCE
+
+
+def test_reflect_padding_differs_from_constant() -> None:
+    # Guards the branch tests above: the two pad modes must give different edge frames.
+    audio = noise_chirp(16000, 0.5)
+    constant = FastLogMel(SPEECH_16K)(audio)
+    reflect = FastLogMel(CONFIGS["reflect"])(audio)
+    assert np.abs(constant[..., 0] - reflect[..., 0]).max() > 0.1
+    np.testing.assert_array_equal(constant[..., 4:-4], reflect[..., 4:-4])
+
+
+def test_normalisation_is_the_fixed_affine_map() -> None:
+    audio = noise_chirp(16000, 0.5)
+    plain = FastLogMel(SPEECH_16K)(audio)
+    normalised = FastLogMel(CONFIGS["normalised"])(audio)
+    np.testing.assert_allclose(normalised, (plain + 4.2) / 3.1, rtol=0, atol=1e-5)
+
+
+def test_batch_layout_and_single_clip_agree() -> None:
+    frontend = FastLogMel(SPEECH_16K)
+    clips = np.stack([noise_chirp(16000, 1.0, seed=seed) for seed in range(3)])
+    batch = frontend(clips)
+    assert batch.shape == (3, 1, 40, SPEECH_16K.num_frames(16000)) and batch.dtype == np.float32
+    assert batch.flags.c_contiguous  # onnxruntime takes it without a copy
+    for clip, features in zip(clips, batch):
+        single = frontend(clip)
+        assert single.shape == (1, 40, SPEECH_16K.num_frames(16000))
+        np.testing.assert_array_equal(single, features)
+    assert not np.array_equal(batch[0], batch[1])
+    # float64 input is computed in float32 like the runtime's.
+    np.testing.assert_array_equal(frontend(clips.astype(np.float64)), batch)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 800), (0,), ()])
+def test_rejects_bad_shapes(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ConfigError, match="expected"):
+        FastLogMel(SPEECH_16K)(np.zeros(shape, np.float32))
+
+
+def test_uncentred_clip_shorter_than_nfft_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="shorter than n_fft"):
+        FastLogMel(replace(SPEECH_16K, center=False))(np.zeros(511, np.float32))
+
+
+def test_unknown_window_fails_at_construction() -> None:
+    with pytest.raises(ConfigError, match="unknown window"):
+        FastLogMel(replace(SPEECH_16K, window="no-such-window"))
+
+
+NO_TORCH = (
+    "import sys\n"
+    "class NoTorch:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] == 'torch':\n"
+    "            raise ImportError('torch is blocked')\n"
+    "sys.meta_path.insert(0, NoTorch())\n"
+)
+
+
+def test_works_with_torch_blocked() -> None:
+    script = NO_TORCH + (
+        "import json\n"
+        "import numpy as np\n"
+        "from asc.feature_spec import FastLogMel, FeatureConfig\n"
+        "config = FeatureConfig(sample_rate=16000, n_fft=512, hop_length=160, n_mels=40)\n"
+        "out = FastLogMel(config)(np.zeros((2, 16000), np.float32))\n"
+        "print(json.dumps({'shape': list(out.shape), 'min': float(out.min()), 'torch': 'torch' in sys.modules}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out == {"shape": [2, 1, 40, 101], "min": pytest.approx(np.log(1e-5)), "torch": False}
