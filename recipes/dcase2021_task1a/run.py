@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from asc.config import RunConfig, load_config, merge, parse_overrides, read_yaml
 from asc.errors import AscError
@@ -34,9 +34,8 @@ def load_recipe_config(quick: bool, data: Path | None, out: Path, overrides: lis
     return load_config(RunConfig, base=merge(settings, parse_overrides(overrides)))
 
 
-@dataclass(frozen=True)
-class Options:
-    """Command-line choices every stage may read."""
+class Options(NamedTuple):
+    """Command-line choices every stage may read (a NamedTuple: the script is also loaded by path)."""
 
     progress: bool
     quick: bool

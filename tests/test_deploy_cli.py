@@ -1,0 +1,65 @@
+"""`asc export`, `asc classify` and `asc bench` from the command line, on a real tiny run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asc.audio import write_audio
+from asc.cli import main
+from asc.config import RunConfig, load_config
+from asc.train.loop import train_or_resume
+
+
+@pytest.fixture(scope="module")
+def run(tiny_overrides, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("deploy") / "run"
+    train_or_resume(load_config(RunConfig, None, tiny_overrides(epochs=1)), folder, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def recordings(tmp_path_factory) -> Path:
+    """Two readable recordings at other rates and channel counts, and a file that is not audio."""
+    folder = tmp_path_factory.mktemp("recordings")
+    rng = np.random.default_rng(0)
+    write_audio(folder / "long-48k-stereo.wav", 0.1 * rng.standard_normal((2, 3 * 48000)).astype(np.float32), 48000)
+    write_audio(folder / "short-8k.wav", 0.1 * rng.standard_normal(4000).astype(np.float32), 8000)
+    (folder / "notes.wav").write_text("not audio")
+    return folder
+
+
+@pytest.mark.slow
+def test_classify_a_run_exports_once_and_reports_bad_files(run: Path, recordings: Path, capsys):
+    assert main(["classify", str(run), str(recordings), "--format", "json", "-q"]) == 1
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [Path(row["file"]).name for row in rows] == ["long-48k-stereo.wav", "short-8k.wav"]
+    assert all(abs(sum(p["probability"] for p in row["top_k"]) - 1) < 1 for row in rows)
+    assert rows[0]["duration"] == pytest.approx(3.0)
+    errors = [line for line in captured.err.splitlines() if line.startswith("asc: error:")]
+    assert len(errors) == 1 and "notes.wav" in errors[0]
+    assert "exporting" in captured.err and (run / "bundle" / "bundle.json").is_file()
+    assert main(["classify", str(run), str(recordings / "short-8k.wav"), "-q"]) == 0
+    assert "exporting" not in capsys.readouterr().err  # the bundle is reused
+
+
+@pytest.mark.slow
+def test_export_then_bench_a_bundle(run: Path, tmp_path: Path, capsys):
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(run), "--out", str(bundle), "--parity-clips", "16", "-q"]) == 0
+    assert "top-1 agreement with torch 100.00%" in capsys.readouterr().out
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["precision"] == "fp32" and not manifest["frontend_in_graph"]
+    assert main(["bench", str(bundle), "--threads", "1", "--repeats", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "load model.onnx" in printed and "load model.ort" in printed
+
+
+def test_classify_refuses_a_folder_that_is_neither_bundle_nor_run(tmp_path: Path, capsys):
+    assert main(["classify", str(tmp_path), str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "neither a bundle" in error[0]
