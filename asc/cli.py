@@ -10,8 +10,8 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 from asc import __version__
 from asc.errors import AscError

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.fx import GraphModule
 
 from asc.cli import main
 from asc.complexity import run_complexity
@@ -20,8 +21,6 @@ from asc.compress.stage import build_methods, compress_run, split_overrides
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.models import BCResNetMod
-from torch.fx import GraphModule
-
 from asc.train.checkpoint import FINALIZED_NAME
 from asc.train.evaluate import evaluate_run, load_run_model
 from asc.train.loop import BatchInfo, train_or_resume

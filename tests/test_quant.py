@@ -24,14 +24,13 @@ from asc.compress.quant import (
     Int8QAT,
     QATConfig,
     QATModel,
-    export_qat_onnx,
     float_scopes,
-    fusion_census,
     int8_conv_weights,
     prepare_qat,
-    run_onnx,
 )
 from asc.errors import AscError, ConfigError
+from asc.export.onnx import export_onnx, run_onnx
+from asc.export.verify import fusion_census
 from asc.models import BCResBlock, BCResNetMod
 
 SHAPE = (1, 32, 40)
@@ -240,7 +239,7 @@ def deployed(trained, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespa
     with torch.no_grad():
         reference = trained.qat(trained.x_test)
     finalized = trained.hook.finalize(trained.qat)
-    path = export_qat_onnx(finalized, trained.x_test[:2], tmp_path_factory.mktemp("quant") / "int8.onnx")
+    path = export_onnx(finalized, trained.x_test[:2], tmp_path_factory.mktemp("quant") / "int8.onnx")
     return SimpleNamespace(finalized=finalized, path=path, reference=reference)
 
 

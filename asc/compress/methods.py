@@ -17,7 +17,13 @@ from torch import nn
 
 from asc.compress.base import Method, StageContext, parse_options
 from asc.compress.kd import Distillation, ModelTeacher
-from asc.compress.prune import LayerSelection, MagnitudePruning, PruningSchedule, Scope, prune_channels
+from asc.compress.prune import (
+    LayerSelection,
+    MagnitudePruning,
+    PruningSchedule,
+    Scope,
+    prune_channels,
+)
 from asc.compress.quant import Int8QAT, QATConfig
 from asc.errors import ConfigError
 

@@ -9,7 +9,7 @@ The flow (docs/quantization.md has the measurements):
    exported graph cannot switch by itself: dropout, BN statistics and the range observers.
 3. :func:`convert_qat` runs ``convert_pt2e``: BN folded into the convs, int8 weights stored,
    Q/DQ ops where the fake-quant was. That graph module is the deployable artefact, and
-   :func:`export_qat_onnx` turns it into a QDQ ONNX file that onnxruntime fuses into
+   :func:`asc.export.onnx.export_onnx` turns it into a QDQ ONNX file that onnxruntime fuses into
    ``QLinearConv``/``QLinearAdd``.
 
 Why our own quantizer instead of torchao's XNNPACK one: that one lives in ``torchao.testing``, is
@@ -23,11 +23,10 @@ that ``convert_pt2e`` asks, so training and the exported int8 weights would disa
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import logging
 
 import torch
 from torch import Tensor, nn
@@ -54,9 +53,6 @@ from torchao.quantization.pt2e.quantizer import (  # noqa: E402
 )
 
 from asc.errors import AscError, ConfigError  # noqa: E402
-from asc.export.onnx import export_onnx as export_qat_onnx  # noqa: E402, F401 -- ONNX lives in asc.export
-from asc.export.onnx import run_onnx  # noqa: E402, F401
-from asc.export.verify import FusionCensus, fusion_census  # noqa: E402, F401
 from asc.models.norms import FreqNorm  # noqa: E402
 from asc.train.hooks import TrainHook  # noqa: E402
 

@@ -28,15 +28,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from asc.complexity import complexity
 from asc.compress.base import Method, StageContext
 from asc.compress.methods import KDMethod, PruneMethod, QATMethod, StructuredPruning
 from asc.compress.pqk import PQK
 from asc.compress.prune import channel_spec, materialize_masks
-from asc.complexity import complexity
-from asc.config import RunConfig, load_config, parse_overrides, read_yaml, save_yaml, to_dict
+from asc.config import (
+    RunConfig,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    save_yaml,
+)
 from asc.errors import AscError, ConfigError
 from asc.features import FeatureConfig
-from asc.train.checkpoint import FINALIZED_NAME, load_checkpoint, save_checkpoint, save_finalized
+from asc.train.checkpoint import (
+    FINALIZED_NAME,
+    load_checkpoint,
+    save_checkpoint,
+    save_finalized,
+)
 from asc.train.evaluate import load_run_model
 from asc.train.loop import Trainer
 

@@ -236,7 +236,7 @@ FloatNodes = Collection[str] | Callable[[onnx.ModelProto], Collection[str]]
 class Int8Options:
     """How :func:`quantize_int8` quantizes; the defaults are the recipe measured best on x86.
 
-    ``keep_float`` and ``op_types_to_quantize`` are how a mixed-precision plan plugs in: names
+    ``keep_float`` is how a mixed-precision plan (:mod:`asc.export.precision`) plugs in: names
     refer to nodes of the graph after ``quant_pre_process`` (the fp32 export's names survive it),
     and a callable receives that graph to choose by pattern (e.g. every depthwise conv).
     Percentile calibration clips outliers (best drift in the measurements) but holds every
@@ -251,8 +251,6 @@ class Int8Options:
     calibration: Literal["minmax", "percentile"] = "minmax"
     percentile: float = 99.999
     keep_float: FloatNodes = ()
-    op_types_to_quantize: Collection[str] | None = None
-    keep_norms_float: bool = True
 
     def __post_init__(self) -> None:
         if self.calibration not in ("minmax", "percentile"):
@@ -303,9 +301,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: Iter
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=(CalibrationMethod.Percentile if options.calibration == "percentile"
                                       else CalibrationMethod.MinMax),
-                    nodes_to_exclude=exclude,
-                    op_types_to_quantize=list(options.op_types_to_quantize) if options.op_types_to_quantize else None,
-                    extra_options=extra)
+                    nodes_to_exclude=exclude, extra_options=extra)
         except ValueError as error:  # "No data is collected." for an empty calibration set
             raise AscError(f"{fp32_path}: int8 calibration failed ({error}); give at least one calibration clip") \
                 from None
