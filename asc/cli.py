@@ -258,11 +258,17 @@ def bundle_for(target: Path, *, progress: bool) -> Path:
     bundle = target / "bundle"
     if not (bundle / MANIFEST_NAME).is_file():
         from asc.export import export_run, is_quantized_graph
+        from asc.export.verify import DEFAULT_MIN_AGREEMENT
         from asc.train.evaluate import load_run_model
 
         precision = "int8" if is_quantized_graph(load_run_model(target)[0]) else "fp32"
         print(f"exporting {target} to {bundle} ({precision}, once)", file=sys.stderr)
-        export_run(target, bundle, precision=precision, progress=progress)
+        # classifying needs a bundle either way: write it past the parity gate, but say so
+        metrics = export_run(target, bundle, precision=precision, force=True, progress=progress).metrics
+        if not metrics["parity_gate_passed"]:
+            print(f"asc: warning: {bundle}: top-1 agreement with {metrics['agreement_with']} is "
+                  f"{metrics['top1_agreement']:.1%}, below the {DEFAULT_MIN_AGREEMENT:.0%} export gate; "
+                  f"see {bundle / 'parity.json'}", file=sys.stderr)
     return bundle
 
 
@@ -286,7 +292,8 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         description="Classify audio files (any rate and channel count; folders are searched recursively) with "
         "an exported bundle, without torch. Long recordings are cut into clip-length windows whose "
         "log-probabilities are averaged. A file that cannot be read gets one error line and the others go on; "
-        "the exit status is then 1. Given a run folder, its bundle is exported once into RUN/bundle.")
+        "the exit status is then 1. Given a run folder, its bundle is exported once into RUN/bundle (with a "
+        "warning when it falls below the export parity gate).")
     parser.add_argument("target", type=Path, metavar="RUN_OR_BUNDLE", help="bundle folder or run folder")
     parser.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="audio files or folders")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
