@@ -127,14 +127,26 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from asc.bundle_manifest import MANIFEST_NAME
+    from asc.errors import ConfigError
     from asc.report import write_report
-    from asc.train.evaluate import evaluate_run
+    from asc.train.evaluate import evaluate_bundle, evaluate_run
 
-    metrics = evaluate_run(args.run, data_root=args.data, split=args.split, checkpoint=args.checkpoint,
-                           skip_missing=args.skip_missing, progress=not args.quiet)
-    out = args.out or args.run / f"eval-{args.split or 'default'}-{args.checkpoint}"
+    if (args.run / MANIFEST_NAME).is_file():
+        if args.data is None:
+            raise ConfigError(f"{args.run}: a bundle carries no dataset; give --data ROOT")
+        metrics = evaluate_bundle(args.run, args.data, split=args.split or "evaluate", skip_missing=args.skip_missing,
+                                  progress=not args.quiet)
+        checkpoint = "bundle"
+        default_out = args.run.with_name(f"{args.run.name}-eval-{args.split or 'evaluate'}")  # bundles stay as shipped
+    else:
+        metrics = evaluate_run(args.run, data_root=args.data, split=args.split, checkpoint=args.checkpoint,
+                               skip_missing=args.skip_missing, progress=not args.quiet)
+        checkpoint = args.checkpoint
+        default_out = args.run / f"eval-{args.split or 'default'}-{checkpoint}"
+    out = args.out or default_out
     write_report(out, metrics, extra={"run": str(args.run), "data": str(args.data or "run's own data"),
-                                      "split": args.split or "default", "checkpoint": args.checkpoint},
+                                      "split": args.split or "default", "checkpoint": checkpoint},
                  title=f"Evaluation of {args.run.name}")
     print(f"{args.run}: {metrics.n} clips, accuracy {100 * metrics.accuracy:.1f} %, macro accuracy "
           f"{100 * metrics.macro_accuracy:.1f} %, log loss {metrics.log_loss:.3f}")
@@ -160,10 +172,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser(
-        "evaluate", help="evaluate a run on a dataset split",
+        "evaluate", help="evaluate a run or a bundle on a dataset split",
         description="Accuracy, macro accuracy and log loss of a trained run, per device, device group "
-        "and class, with plots, on the run's own evaluation split or on another TAU-layout dataset.")
-    evaluate.add_argument("run", type=Path, help="run folder written by asc train")
+        "and class, with plots, on the run's own evaluation split or on another TAU-layout dataset. "
+        "Given an exported bundle (with --data), it evaluates through the torch-free runtime, as an app would.")
+    evaluate.add_argument("run", type=Path, metavar="RUN_OR_BUNDLE",
+                          help="run folder written by asc train/compress, or a bundle written by asc export")
     evaluate.add_argument("--data", type=Path, default=None, help="dataset root (default: the run's data)")
     evaluate.add_argument("--split", default=None, help="split name (default: the run's data.eval_split)")
     evaluate.add_argument("--checkpoint", choices=("last", "best"), default="last")

@@ -59,6 +59,21 @@ def test_export_then_bench_a_bundle(run: Path, tmp_path: Path, capsys):
     assert "load model.onnx" in printed and "load model.ort" in printed
 
 
+@pytest.mark.slow
+def test_evaluate_a_bundle_through_the_runtime_matches_its_export_parity(run: Path, tmp_path: Path, capsys):
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(run), "--out", str(bundle), "--parity-clips", "100000", "-q"]) == 0
+    at_export = json.loads((bundle / "bundle.json").read_text())["metrics"]["accuracy"]["accuracy"]
+    data = load_config(RunConfig, run / "config.yaml").data.synth_dir
+    assert main(["evaluate", str(bundle), "--data", str(data), "-q"]) == 0
+    report = json.loads((tmp_path / "bundle-eval-evaluate" / "report.json").read_text())
+    assert report["metrics"]["accuracy"] == pytest.approx(at_export, abs=1.5 / report["metrics"]["n"])
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "model.onnx", "model.ort", "parity.json",
+                                                         "required_operators.config"]  # nothing written into it
+    assert main(["evaluate", str(bundle)]) == 2
+    assert "give --data ROOT" in capsys.readouterr().err
+
+
 def test_classify_refuses_a_folder_that_is_neither_bundle_nor_run(tmp_path: Path, capsys):
     assert main(["classify", str(tmp_path), str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip().splitlines()

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from asc.config import RunConfig, load_config
+from asc.data.tau import read_tau
 from asc.data.loader import ClipDataset, make_loader
 from asc.errors import AscError
 from asc.features import FeatureConfig
@@ -93,3 +94,26 @@ def evaluate_run(run_dir: Path, *, data_root: Path | None = None, split: str | N
     logits = predict_logits(dataset, model, frontend=None, device=torch.device("cpu"),
                             batch_size=config.train.eval_batch_size, progress=progress)
     return compute_metrics(logits, dataset.targets, [c.device for c in dataset.clips], clipset.labels)
+
+
+def evaluate_bundle(bundle_dir: Path, data_root: Path, *, split: str = "evaluate", skip_missing: bool = False,
+                    threads: int = 1, progress: bool = True) -> Metrics:
+    """Metrics of an exported bundle on ``split`` of a TAU-layout dataset, through the torch-free runtime.
+
+    Each clip is classified the way ``asc classify`` does it (resampling, windowing, mean
+    log-probability), so this measures what an app would get, not what torch computes.
+    """
+    from asc.runtime import Classifier
+
+    classifier = Classifier(bundle_dir, threads=threads)
+    clipset = read_tau(Path(data_root), missing_audio="skip" if skip_missing else "error")
+    unknown = sorted(set(clipset.labels) - set(classifier.labels))
+    if unknown:
+        raise AscError(f"{data_root}: labels {unknown} are unknown to the bundle (it knows {classifier.labels}); "
+                       "evaluate on data with the same classes")
+    clips = split_clips(clipset, split)
+    log_probs = np.stack([np.log(np.maximum(classifier.classify_file(clip.path).probabilities, 1e-12))
+                          for clip in tqdm(clips, desc="evaluate", leave=False, disable=not progress,
+                                           dynamic_ncols=True)])
+    targets = np.array([classifier.labels.index(clip.label) for clip in clips])
+    return compute_metrics(log_probs, targets, [clip.device for clip in clips], classifier.labels)
