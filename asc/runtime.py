@@ -45,8 +45,22 @@ class Prediction:
     probability: float
 
 
+class _Ranked:
+    """The best label of a result whose ``top`` predictions are sorted, most likely first."""
+
+    top: tuple[Prediction, ...]
+
+    @property
+    def label(self) -> str:
+        return self.top[0].label
+
+    @property
+    def probability(self) -> float:
+        return self.top[0].probability
+
+
 @dataclass(frozen=True, eq=False)
-class WindowResult:
+class WindowResult(_Ranked):
     """The model's answer for one clip-length window of a recording.
 
     ``start``/``end`` are seconds in the recording; ``end`` stops at the recording's end when the
@@ -59,17 +73,9 @@ class WindowResult:
     probabilities: np.ndarray  #: softmax of ``logits``
     top: tuple[Prediction, ...]
 
-    @property
-    def label(self) -> str:
-        return self.top[0].label
-
-    @property
-    def probability(self) -> float:
-        return self.top[0].probability
-
 
 @dataclass(frozen=True, eq=False)
-class ClipResult:
+class ClipResult(_Ranked):
     """The answer for a whole recording: windows aggregated by mean log-probability.
 
     ``probabilities`` is ``softmax(mean_w log_softmax(logits_w))``; ``windows`` keeps the
@@ -81,14 +87,6 @@ class ClipResult:
     probabilities: np.ndarray
     top: tuple[Prediction, ...]
     windows: tuple[WindowResult, ...]
-
-    @property
-    def label(self) -> str:
-        return self.top[0].label
-
-    @property
-    def probability(self) -> float:
-        return self.top[0].probability
 
 
 def window_starts(num_samples: int, clip_samples: int, hop_samples: int) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,3 +53,30 @@ def tau_fixtures(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def micirp_dir(shared_data: Path) -> Path:
     return shared_data / "irs" / "micirp"
+
+
+# What a machine without torch looks like to an import: any attempt fails with ImportError.
+_NO_TORCH = (
+    "import sys\n"
+    "class NoTorch:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] == 'torch':\n"
+    "            raise ImportError('torch is blocked')\n"
+    "sys.meta_path.insert(0, NoTorch())\n"
+)
+
+
+@pytest.fixture(scope="session")
+def without_torch():
+    """Run Python source (with ``sys.argv`` extras) in a fresh interpreter where torch cannot be imported.
+
+    Deployment machines have onnxruntime, numpy and soundfile but no torch; the torch-free
+    modules prove it this way. Returns the completed process (stdout, stderr, returncode).
+    """
+
+    def run(code: str, *args: object) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        return subprocess.run([sys.executable, "-c", _NO_TORCH + code, *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=120, check=False)
+
+    return run

@@ -11,7 +11,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from asc.bench import FRONTEND_PREFIX, Timing, bench_bundle, format_bench, split_frontend
+from asc.bench import (
+    FRONTEND_PREFIX,
+    Timing,
+    bench_bundle,
+    format_bench,
+    split_frontend,
+)
 from asc.bundle_manifest import MANIFEST_NAME, BundleManifest
 from asc.errors import AscError, ConfigError
 from asc.feature_spec import FeatureConfig
@@ -163,12 +169,7 @@ def test_exporter_composed_bundle_splits_at_the_log_mel(tmp_path: Path) -> None:
     assert r.frontend is not None and r.model is not None and 0 < r.frontend_share < 1
 
 
-def test_bench_runs_without_torch() -> None:
+def test_bench_runs_without_torch(without_torch) -> None:
     """Deployment machines have onnxruntime but not torch."""
-    import subprocess
-    import sys
-
-    code = "import sys; sys.modules['torch'] = None; import asc.bench"
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True)
+    result = without_torch("import asc.bench\nassert 'torch' not in sys.modules\n")
     assert result.returncode == 0, result.stderr

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,18 +108,8 @@ def test_unknown_window_fails_at_construction() -> None:
         FastLogMel(replace(SPEECH_16K, window="no-such-window"))
 
 
-NO_TORCH = (
-    "import sys\n"
-    "class NoTorch:\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name.split('.')[0] == 'torch':\n"
-    "            raise ImportError('torch is blocked')\n"
-    "sys.meta_path.insert(0, NoTorch())\n"
-)
-
-
-def test_works_with_torch_blocked() -> None:
-    script = NO_TORCH + (
+def test_works_with_torch_blocked(without_torch) -> None:
+    script = (
         "import json\n"
         "import numpy as np\n"
         "from asc.feature_spec import FastLogMel, FeatureConfig\n"
@@ -130,9 +117,7 @@ def test_works_with_torch_blocked() -> None:
         "out = FastLogMel(config)(np.zeros((2, 16000), np.float32))\n"
         "print(json.dumps({'shape': list(out.shape), 'min': float(out.min()), 'torch': 'torch' in sys.modules}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                          check=False)
+    done = without_torch(script)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out == {"shape": [2, 1, 40, 101], "min": pytest.approx(np.log(1e-5)), "torch": False}

@@ -8,10 +8,7 @@ fixed batch of 4. Torch is the reference the runtime's numbers are held to.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -377,24 +374,7 @@ def test_missing_bundle_names_the_folder(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- torch-free
 
-# What a machine without torch looks like to an import: any attempt fails with ImportError.
-NO_TORCH = (
-    "import sys\n"
-    "class NoTorch:\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name.split('.')[0] == 'torch':\n"
-    "            raise ImportError('torch is blocked')\n"
-    "sys.meta_path.insert(0, NoTorch())\n"
-)
-
-
-def run_without_torch(code: str, *args: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-c", NO_TORCH + code, *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120, check=False)
-
-
-def test_runtime_and_classify_work_with_torch_blocked(bundles: Bundles, tmp_path: Path) -> None:
+def test_runtime_and_classify_work_with_torch_blocked(bundles: Bundles, tmp_path: Path, without_torch) -> None:
     path = tmp_path / "scene.wav"
     sf.write(path, scene(2.5), RATE, subtype="FLOAT")
     script = (
@@ -410,7 +390,7 @@ def test_runtime_and_classify_work_with_torch_blocked(bundles: Bundles, tmp_path
         "out['asc_modules'] = sorted(m for m in sys.modules if m.startswith('asc'))\n"
         "print(json.dumps(out))\n"
     )
-    done = run_without_torch(script, path, bundles.in_graph, bundles.external)
+    done = without_torch(script, path, bundles.in_graph, bundles.external)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["torch"] is False  # nothing even tried to import torch successfully
@@ -421,7 +401,7 @@ def test_runtime_and_classify_work_with_torch_blocked(bundles: Bundles, tmp_path
         assert out[str(bundle)]["probability"] == pytest.approx(expected.probability, abs=1e-6)
 
 
-def test_example_script_labels_wavs_without_torch(bundles: Bundles, tmp_path: Path) -> None:
+def test_example_script_labels_wavs_without_torch(bundles: Bundles, tmp_path: Path, without_torch) -> None:
     good, empty = tmp_path / "good.wav", tmp_path / "empty.wav"
     sf.write(good, scene(1.5, rate=44100), 44100)
     empty.write_bytes(b"")
@@ -430,7 +410,7 @@ def test_example_script_labels_wavs_without_torch(bundles: Bundles, tmp_path: Pa
         "sys.argv = ['classify_wavs.py', *sys.argv[1:]]\n"
         f"runpy.run_path({str(REPO / 'export' / 'classify_wavs.py')!r}, run_name='__main__')\n"
     )
-    done = run_without_torch(script, bundles.in_graph, good, empty)
+    done = without_torch(script, bundles.in_graph, good, empty)
     assert done.returncode == 1, done.stderr  # one file could not be read
     expected = Classifier(bundles.in_graph).classify_file(good)
     assert done.stdout.splitlines() == [f"{good}\t{expected.label}\t{expected.probability:.3f}"]
