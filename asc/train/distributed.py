@@ -87,5 +87,7 @@ def sync_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
 
 
 def teardown(ctx: DistContext) -> None:
+    """Leave the process group once every rank is done with it (a barrier, then destroy)."""
     if ctx.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -9,6 +9,7 @@ an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -404,6 +405,12 @@ class Trainer:
                                 "world_size": self.ctx.world_size, "parameter_digests": digests,
                                 "parameters": sum(p.numel() for p in self.model.parameters())})
         distributed.barrier(self.ctx)
+        # Release DDP's reducer while the process group is still registered: if the reducer is
+        # the group's last owner, its deallocation (GIL held, e.g. at interpreter exit) destroys
+        # the gloo group and can deadlock with a gloo worker thread that needs the GIL to free
+        # the tensors of the last all_gather_object (seen once in CI).
+        self.train_model = self.model
+        gc.collect()
         distributed.teardown(self.ctx)
         return metrics
 
