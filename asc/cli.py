@@ -271,14 +271,14 @@ def bundle_for(target: Path, *, progress: bool) -> Path:
                        "point at the output of `asc export` or `asc train`")
     bundle = target / "bundle"
     if not (bundle / MANIFEST_NAME).is_file():
-        from asc.export import export_run, is_quantized_graph
+        from asc.export import export_trained, is_quantized_graph, open_run
         from asc.export.verify import DEFAULT_MIN_AGREEMENT
-        from asc.train.evaluate import load_run_model
 
-        precision = "int8" if is_quantized_graph(load_run_model(target)[0]) else "fp32"
+        run = open_run(target)
+        precision = "int8" if is_quantized_graph(run.model) else "fp32"
         print(f"exporting {target} to {bundle} ({precision}, once)", file=sys.stderr)
         # classifying needs a bundle either way: write it past the parity gate, but say so
-        metrics = export_run(target, bundle, precision=precision, force=True, progress=progress).metrics
+        metrics = export_trained(run, bundle, precision=precision, force=True, progress=progress).metrics
         if not metrics["parity_gate_passed"]:
             print(f"asc: warning: {bundle}: top-1 agreement with {metrics['agreement_with']} is "
                   f"{metrics['top1_agreement']:.1%}, below the {DEFAULT_MIN_AGREEMENT:.0%} export gate; "

@@ -18,6 +18,7 @@ values and the teacher's norms are dropped.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -132,7 +133,7 @@ class PQK(Method):
         self.float_model = model
         norms = [(name, module) for name, module in model.named_modules() if isinstance(module, _BATCH_NORMS)]
         self.norm_names = [name for name, _ in norms]
-        self.teacher_norms = nn.ModuleList(_copy_norm(module) for _, module in norms)
+        self.teacher_norms = nn.ModuleList(copy.deepcopy(module) for _, module in norms)
         student = self.qat.wrap_model(self.pruning.wrap_model(model))
         return PQKModel(student, self.teacher_norms)
 
@@ -185,9 +186,3 @@ class PQK(Method):
     def settings(self) -> dict[str, Any]:
         return asdict(self.options)
 
-
-def _copy_norm(norm: nn.Module) -> nn.Module:
-    copy = type(norm)(norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                      track_running_stats=norm.track_running_stats)
-    copy.load_state_dict(norm.state_dict())
-    return copy.to(next(iter(norm.state_dict().values())).device)

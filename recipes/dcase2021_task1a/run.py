@@ -94,13 +94,13 @@ def stage_export(config: RunConfig, out: Path, options: Options) -> None:
     The int8 bundles are written even below the 99 % parity gate, so the recipe always ends with
     every deployable model; their bundle.json marks them forced and parity.json has the numbers.
     """
-    from asc.export import export_run, format_summary, is_quantized_graph
-    from asc.train.evaluate import load_run_model
+    from asc.export import export_trained, format_summary, is_quantized_graph, open_run
 
-    for name, run in runs_of(out).items():
-        int8 = is_quantized_graph(load_run_model(run)[0])
-        manifest = export_run(run, out / "export" / name, precision="int8" if int8 else "fp32", force=int8,
-                              progress=options.progress)
+    for name, run_dir in runs_of(out).items():
+        run = open_run(run_dir)
+        int8 = is_quantized_graph(run.model)
+        manifest = export_trained(run, out / "export" / name, precision="int8" if int8 else "fp32", force=int8,
+                                  progress=options.progress)
         print(format_summary(out / "export" / name, manifest))
 
 
