@@ -17,17 +17,16 @@ from asc.compress.prune import (
     LayerSelection,
     MagnitudePruning,
     PruningSchedule,
-    channel_spec,
     cubic_sparsity,
     magnitude_masks,
     masked_modules,
     materialize_masks,
     prune_channels,
-    rebuild_pruned,
     sparsity_report,
 )
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
+from asc.models.resize import channel_spec, rebuild_pruned
 from asc.models import BCResBlock, BCResNet, BCResNetMod, SubSpectralNorm, build_model
 from asc.train.checkpoint import load_checkpoint
 from asc.train.loop import Trainer

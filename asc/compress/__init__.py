@@ -13,12 +13,10 @@ from asc.compress.prune import (
     LayerSelection,
     MagnitudePruning,
     PruningSchedule,
-    channel_spec,
     cubic_sparsity,
     magnitude_masks,
     materialize_masks,
     prune_channels,
-    rebuild_pruned,
     sparsity_report,
 )
 
@@ -33,11 +31,9 @@ __all__ = [
     "LayerSelection",
     "MagnitudePruning",
     "PruningSchedule",
-    "channel_spec",
     "cubic_sparsity",
     "magnitude_masks",
     "materialize_masks",
     "prune_channels",
-    "rebuild_pruned",
     "sparsity_report",
 ]

@@ -6,8 +6,8 @@ Two kinds of pruning with different pay-offs (reference/compression.md §6):
   shrinks non-zero counts and zipped size, never the ONNX file or its latency.
 * **Structured** (:func:`prune_channels`): removes whole channels through Torch-Pruning's
   dependency graph, so every coupled tensor (BN, depthwise groups, residual partners, the next
-  conv's inputs) gets physically smaller; the pruned shape is recorded with :func:`channel_spec`
-  and recreated from the original class with :func:`rebuild_pruned`, so checkpoints stay plain
+  conv's inputs) gets physically smaller; the pruned shape is recorded with :func:`~asc.models.resize.channel_spec`
+  and recreated from the original class with :func:`~asc.models.resize.rebuild_pruned`, so checkpoints stay plain
   state dicts.
 
 Masks are boolean buffers named ``weight_mask`` on the pruned modules rather than
@@ -43,7 +43,6 @@ MASK = "weight_mask"
 Scope = Literal["global", "layer"]
 
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +417,7 @@ def prune_channels(model: nn.Module, example_input: Tensor, ratio: float, *, rou
     :func:`end_layers`) keep their output channels. ``round_to`` keeps channel counts multiples of
     4 or 8 for SIMD kernels; ``global_pruning`` ranks groups against each other instead of
     pruning each by ``ratio``. The copy is traced in eval mode, so BN statistics are untouched;
-    the result needs fine-tuning (and a :func:`channel_spec` to be rebuilt later).
+    the result needs fine-tuning (and a :func:`~asc.models.resize.channel_spec` to be rebuilt later).
     """
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"channel pruning ratio must be in [0, 1), got {ratio}; choose the fraction to remove")
@@ -444,73 +443,3 @@ def prune_channels(model: nn.Module, example_input: Tensor, ratio: float, *, rou
         pruner.step()
     return pruned.train(was_training)
 
-
-def channel_spec(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Shape of every conv, linear and batch-norm layer, by module name.
-
-    Together with the original model class and its arguments this is enough to recreate a
-    channel-pruned model (:func:`rebuild_pruned`); it is plain data, so it fits a
-    ``weights_only`` checkpoint.
-    """
-    spec: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            spec[name] = {"type": type(module).__name__, "in_features": module.in_features,
-                          "out_features": module.out_features}
-        elif isinstance(module, _WEIGHT_LAYERS):
-            spec[name] = {"type": type(module).__name__, "in_channels": module.in_channels,
-                          "out_channels": module.out_channels, "groups": module.groups}
-        elif isinstance(module, _BATCH_NORMS):
-            spec[name] = {"type": type(module).__name__, "num_features": module.num_features}
-    return spec
-
-
-def _resize(module: nn.Module, entry: Mapping[str, Any]) -> None:
-    """Give ``module`` the shape in ``entry`` with freshly initialised tensors."""
-    if isinstance(module, nn.Linear):
-        module.in_features, module.out_features = entry["in_features"], entry["out_features"]
-        module.weight = nn.Parameter(module.weight.new_empty(module.out_features, module.in_features))
-        if module.bias is not None:
-            module.bias = nn.Parameter(module.bias.new_empty(module.out_features))
-    elif isinstance(module, _WEIGHT_LAYERS):
-        module.in_channels, module.out_channels = entry["in_channels"], entry["out_channels"]
-        module.groups = entry["groups"]
-        shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
-        module.weight = nn.Parameter(module.weight.new_empty(shape))
-        if module.bias is not None:
-            module.bias = nn.Parameter(module.bias.new_empty(module.out_channels))
-    else:
-        module.num_features = entry["num_features"]
-        if module.affine:
-            module.weight = nn.Parameter(module.weight.new_empty(module.num_features))
-            module.bias = nn.Parameter(module.bias.new_empty(module.num_features))
-        if module.track_running_stats:
-            module.running_mean = module.running_mean.new_empty(module.num_features)
-            module.running_var = module.running_var.new_empty(module.num_features)
-    module.reset_parameters()
-
-
-def rebuild_pruned(build: Callable[[], nn.Module], spec: Mapping[str, Mapping[str, Any]],
-                   state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
-    """Recreate a channel-pruned model: ``build()`` the original, resize it to ``spec``, load weights.
-
-    ``build`` makes the unpruned model (e.g. ``lambda: build_model(name, classes, **args)``);
-    ``spec`` comes from :func:`channel_spec` of the pruned model. Without ``state_dict`` the
-    resized layers are freshly initialised.
-    """
-    model = build()
-    modules = dict(model.named_modules())
-    for name, entry in spec.items():
-        module = modules.get(name)
-        if module is None or type(module).__name__ != entry.get("type"):
-            found = "nothing" if module is None else type(module).__name__
-            raise ConfigError(f"channel spec: {name} is a {entry.get('type')} in the spec but {found} in "
-                              f"{type(model).__name__}; rebuild with the model class the spec was made from")
-        _resize(module, entry)
-    if state_dict is not None:
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as error:
-            raise ConfigError(f"channel spec: the weights do not fit the rebuilt model "
-                              f"({str(error).splitlines()[0]}); use the spec saved with these weights") from None
-    return model

@@ -23,7 +23,6 @@ that ``convert_pt2e`` asks, so training and the exported int8 weights would disa
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,29 +31,21 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-# torchao's CPU wheel tries to load CUDA-only kernels and logs a warning per file on import, and
-# registering its enums logs a torch deprecation notice; neither affects PT2E, so keep them off
-# the console of every `asc` command that quantizes.
-for _noisy in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
-
-from torchao.quantization.pt2e import (  # noqa: E402
+from asc.errors import AscError, ConfigError
+from asc.models.norms import FreqNorm
+from asc.pt2e import (
     FakeQuantize,
     FakeQuantizeBase,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
-    allow_exported_model_train_eval,
-)
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e  # noqa: E402
-from torchao.quantization.pt2e.quantizer import (  # noqa: E402
     QuantizationAnnotation,
     QuantizationSpec,
     Quantizer,
+    allow_exported_model_train_eval,
+    convert_pt2e,
+    prepare_qat_pt2e,
 )
-
-from asc.errors import AscError, ConfigError  # noqa: E402
-from asc.models.norms import FreqNorm  # noqa: E402
-from asc.train.hooks import TrainHook  # noqa: E402
+from asc.train.hooks import TrainHook
 
 if TYPE_CHECKING:
     from asc.train.loop import Trainer

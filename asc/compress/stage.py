@@ -32,7 +32,7 @@ from asc.complexity import complexity
 from asc.compress.base import Method, StageContext
 from asc.compress.methods import KDMethod, PruneMethod, QATMethod, StructuredPruning
 from asc.compress.pqk import PQK
-from asc.compress.prune import channel_spec, materialize_masks
+from asc.compress.prune import materialize_masks
 from asc.config import (
     RunConfig,
     load_config,
@@ -42,6 +42,7 @@ from asc.config import (
 )
 from asc.errors import AscError, ConfigError
 from asc.features import FeatureConfig
+from asc.models.resize import channel_spec
 from asc.train.checkpoint import (
     FINALIZED_NAME,
     load_checkpoint,

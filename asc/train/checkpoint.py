@@ -54,7 +54,7 @@ def load_finalized(path: Path, map_location: str | torch.device = "cpu") -> nn.M
     ``train()``/``eval()`` are made harmless (an exported graph refuses them otherwise), so code
     that switches modes, such as evaluation and export, treats it like any module.
     """
-    from asc.compress.quant import allow_exported_model_train_eval  # imports torchao quietly
+    from asc.pt2e import allow_exported_model_train_eval  # also registers the ops of int8 programs
 
     path = Path(path)
     try:

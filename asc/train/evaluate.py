@@ -57,7 +57,7 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.
 
     try:
         if "channels" in spec:
-            from asc.compress.prune import rebuild_pruned
+            from asc.models.resize import rebuild_pruned
 
             model = rebuild_pruned(build, spec["channels"], state["model"])
         else:
