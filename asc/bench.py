@@ -32,6 +32,7 @@ from onnx import helper
 from asc.bundle_manifest import BundleManifest
 from asc.errors import AscError, ConfigError
 from asc.feature_spec import FastLogMel
+from asc.runtime import bundle_frontend
 
 FRONTEND_PREFIX = "frontend."
 """Node-name prefix of the front end inside an in-graph bundle (``asc.export.onnx.compose_frontend``)."""
@@ -202,7 +203,7 @@ def bench_bundle(bundle_dir: str | os.PathLike[str], threads: Sequence[int] = (1
     model_path = bundle_dir / manifest.model_file
     clip = (np.random.default_rng(seed).standard_normal((1, manifest.clip_samples)) * 0.1).astype(np.float32)
     parts = split_frontend(onnx.load(str(model_path))) if manifest.frontend_in_graph else None
-    frontend = None if manifest.frontend_in_graph else FastLogMel(manifest.features)
+    frontend = bundle_frontend(bundle_dir, manifest)
     results = []
     for count in threads:
         calls = _clip_calls(model_path, manifest, frontend, parts, clip, count)

@@ -42,6 +42,7 @@ class BundleManifest:
     output_name: str = "logits"
     model_file: str = "model.onnx"
     ort_file: str | None = None  #: ORT-format copy for reduced runtime builds and faster loading
+    frontend_file: str | None = None  #: the front end's window and mel filterbank (npz), for an external front end
     metrics: dict[str, Any] = field(default_factory=dict)  #: accuracy and parity measured at export
     source: dict[str, Any] = field(default_factory=dict)  #: run folder, checkpoint, method that made it
     asc_version: str = ""

@@ -113,20 +113,26 @@ def classify_paths(
     return results, failures
 
 
-def format_results(results: Sequence[ClipResult], fmt: OutputFormat = "table", *, windows: bool = False) -> str:
+def format_results(results: Sequence[ClipResult], fmt: OutputFormat = "table", *, windows: bool = False,
+                   failures: Sequence[Failure] = ()) -> str:
     """Render results as an aligned text table, a JSON array, or CSV with a header row.
 
     Each format carries the same facts: file, seconds, top label and probability, the other
-    top-k labels, and, with ``windows``, one extra row (or JSON object) per window.
+    top-k labels, warnings, and, with ``windows``, one extra row (or JSON object) per window.
+    Machine-readable formats also carry every failed path with its error, so a script reading
+    them sees every input; the table shows results only (errors go to stderr) and is empty,
+    header included, when there are none.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "json":
-        return json.dumps([_json_record(result, windows) for result in results], indent=2) + "\n"
+        records = [_json_record(result, windows) for result in results]
+        records += [{"file": failure.path, "error": failure.message} for failure in failures]
+        return json.dumps(records, indent=2) + "\n"
     k = max((len(result.top) for result in results), default=1)
     if fmt == "csv":
-        return _csv(results, windows, k)
-    return _table(results, windows, k)
+        return _csv(results, windows, k, failures)
+    return _table(results, windows, k) if results else ""
 
 
 # ----------------------------------------------------------------------------------- formats
@@ -151,6 +157,7 @@ def _json_record(result: ClipResult, windows: bool) -> dict[str, Any]:
         "label": result.label,
         "probability": round(result.probability, 6),
         "top_k": _json_top(result.top),
+        "warnings": list(result.warnings),
     }
     if windows:
         record["windows"] = [
@@ -161,19 +168,24 @@ def _json_record(result: ClipResult, windows: bool) -> dict[str, Any]:
     return record
 
 
-def _csv(results: Sequence[ClipResult], windows: bool, k: int) -> str:
+def _csv(results: Sequence[ClipResult], windows: bool, k: int, failures: Sequence[Failure]) -> str:
+    """One row per clip (and window); a failed path is a row with only its file and error."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     header = ["file", "scope", "start", "end", "label", "probability"]
     for rank in range(2, k + 1):
         header += [f"label_{rank}", f"probability_{rank}"]
+    header += ["warning", "error"]
     writer.writerow(header)
     for result in results:
         for scope, start, end, top in _rows(result, windows):
             cells = [result.source, scope, f"{start:.3f}", f"{end:.3f}"]
             for prediction in top:
                 cells += [prediction.label, f"{prediction.probability:.6f}"]
-            writer.writerow(cells + [""] * (len(header) - len(cells)))
+            cells += [""] * (len(header) - 2 - len(cells))
+            writer.writerow(cells + ["; ".join(result.warnings) if scope == "clip" else "", ""])
+    for failure in failures:
+        writer.writerow([failure.path, "error"] + [""] * (len(header) - 3) + [failure.message])
     return buffer.getvalue()
 
 

@@ -83,6 +83,7 @@ class Complexity:
     trained_params: int | None = None  # PyTorch count: every parameter, BatchNorm affine included
     keras_params: int | None = None  # the PyTorch count plus BatchNorm running mean and variance
     unused_params: int = 0  # parameters the forward pass never read (not counted anywhere else)
+    macs_1s_note: str = ""  # how the 1-s figure was obtained when it was not measured on a 1-s input
 
     @property
     def params(self) -> int:
@@ -158,7 +159,7 @@ class RuleResult:
         label = QUANTITY_LABELS[self.quantity]
         if self.value is None:
             return (f"{self.rule}: {label} unknown (limit {self.limit:,}): UNKNOWN; give the shape of a "
-                    "1-s input")
+                    "1-s input (--one-second-shape, e.g. 1x1x256x44)")
         verdict = "PASS" if self.passed else "FAIL"
         return f"{self.rule}: {label} {self.value:,} {'<=' if self.passed else '>'} {self.limit:,}: {verdict}"
 
@@ -521,7 +522,7 @@ def _infer_shapes(model: onnx.ModelProto, path: Path, input_shape: tuple[int, ..
         unknown = [d.dim_param or "?" for i, d in enumerate(dims) if d.dim_value <= 0 and i > 0]
         if unknown:
             raise AscError(f"{path}: input axes {unknown} have no fixed size; give the input shape "
-                           "(e.g. 1,1,256,431)")
+                           "(e.g. --input-shape 1x1x256x431)")
         input_shape = tuple(d.dim_value if d.dim_value > 0 else 1 for d in dims)
     if len(input_shape) != len(dims):
         raise AscError(f"{path}: input has {len(dims)} axes, the given shape {tuple(input_shape)} has "
@@ -678,7 +679,7 @@ def format_table(c: Complexity, rule_results: Sequence[RuleResult] = (), *, per_
     ]
     if c.macs_1s is not None:
         totals.append((f"MACs per 1-s input {_shape(c.one_second_shape)}",
-                       f"{c.macs_1s:,} ({c.macs_1s / MEGA:,.2f} M)"))
+                       f"{c.macs_1s:,} ({c.macs_1s / MEGA:,.2f} M)" + (f"; {c.macs_1s_note}" if c.macs_1s_note else "")))
     if c.unused_params:
         totals.append(("unused by the forward pass (not counted)", f"{c.unused_params:,}"))
     label_width = max(len(label) for label, _ in totals)
@@ -689,7 +690,39 @@ def format_table(c: Complexity, rule_results: Sequence[RuleResult] = (), *, per_
     return "\n".join(lines)
 
 
+def bundle_complexity(bundle_dir: Path, input_shape: tuple[int, ...] | None = None,
+                      one_second_shape: tuple[int, ...] | None = None) -> Complexity:
+    """Counts of a bundle's model, with its clip and 1-s inputs read from ``bundle.json``.
+
+    A graph whose reshapes fix the time axis to the clip length (the exporter's static shapes)
+    cannot take a 1-s input; its 1-s MACs are then the clip's scaled by the frame ratio (within a
+    few per cent: strided layers round their output lengths), and the report says so.
+    """
+    from asc.bundle_manifest import BundleManifest
+
+    manifest = BundleManifest.read(bundle_dir)
+    if manifest.frontend_in_graph:
+        clip, second = (1, manifest.clip_samples), (1, manifest.sample_rate)
+    else:
+        features = manifest.features
+        clip = (1, 1, features.n_mels, features.num_frames(manifest.clip_samples))
+        second = (1, 1, features.n_mels, features.num_frames(manifest.sample_rate))
+    input_shape, one_second_shape = input_shape or clip, one_second_shape or second
+    path = Path(bundle_dir) / manifest.model_file
+    try:
+        return onnx_complexity(path, input_shape, one_second_shape=one_second_shape)
+    except AscError as error:
+        if "shape inference failed" not in str(error) or one_second_shape == input_shape:
+            raise
+    c = onnx_complexity(path, input_shape)
+    return replace(c, one_second_shape=tuple(one_second_shape),
+                   macs_1s=round(c.macs * one_second_shape[-1] / input_shape[-1]),
+                   macs_1s_note=f"scaled from the {_shape(input_shape)} input: the graph fixes its time axis")
+
+
 def _resolve(target: Path) -> str:
+    if target.is_dir() and (target / "bundle.json").is_file():
+        return "bundle"
     if target.is_file() and target.suffix == ".onnx":
         return "onnx"
     if target.is_dir() and (target / "model.onnx").is_file():
@@ -706,11 +739,13 @@ def run_complexity_command(target: Path, rules: list[str], per_layer: bool, *, c
     """`asc complexity`: print the counts and the verdicts; exceeding a limit is not an error."""
     target = Path(target)
     _rule_names(rules)
-    if _resolve(target) == "run":
+    kind = _resolve(target)
+    if kind == "run":
         c = run_complexity(target, checkpoint, weight_bytes=weight_bytes)
     else:
         if weight_bytes is not None:
             raise ConfigError(f"{target}: an ONNX file stores its own dtypes; drop the weight width option")
-        c = onnx_complexity(target, input_shape, one_second_shape=one_second_shape)
+        c = (bundle_complexity(target, input_shape, one_second_shape) if kind == "bundle"
+             else onnx_complexity(target, input_shape, one_second_shape=one_second_shape))
     print(format_table(c, check_rules(c, rules), per_layer=per_layer))
     return 0

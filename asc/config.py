@@ -19,7 +19,7 @@ import yaml
 
 from asc.augment import AugmentConfig
 from asc.errors import ConfigError
-from asc.features import FeatureConfig
+from asc.feature_spec import FeatureConfig
 
 T = TypeVar("T")
 
@@ -168,6 +168,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data)
 
 
+def override_data(data: DataConfig, overrides: typing.Sequence[str] = (), **values: Any) -> DataConfig:
+    """``data`` with ``values`` and ``data.KEY=VALUE`` overrides applied, validated like a run config.
+
+    Evaluating a run or a bundle on another collection changes only where and how clips are read;
+    an override of any other section is refused rather than silently ignored.
+    """
+    nested = parse_overrides(list(overrides))
+    if other := [key for key in nested if key != "data"]:
+        raise ConfigError(f"override '{other[0]}…' does not apply here; only data.* settings do "
+                          "(e.g. data.label_column=category)")
+    merged = merge(merge(to_dict(data), values), nested.get("data", {}))
+    return from_dict(DataConfig, merged, where="data.")
+
+
 def save_yaml(data: dict[str, Any], path: str | Path) -> None:
     """Write a mapping as YAML atomically."""
     from asc.io import atomic_write_text
@@ -180,13 +194,38 @@ def save_yaml(data: dict[str, Any], path: str | Path) -> None:
 
 @dataclasses.dataclass
 class DataConfig:
-    """Where clips come from and how they are cached."""
+    """Where clips come from, how a collection's table or folders are read, and how they are cached.
 
-    root: str | None = None  #: TAU-layout folder; None → the synthetic corpus below
+    ``root`` is a TAU folder, a CSV/TSV table or a class-per-folder tree (``format=auto`` tells
+    them apart); every other table and folder setting below is an option, so any labelled collection
+    loads without code (docs/datasets.md).
+    """
+
+    root: str | None = None  #: TAU folder, table file or class-per-folder tree; None → the synthetic corpus
+    format: typing.Literal["auto", "tau", "table", "folders"] = "auto"
+    # --- tables (format=table)
+    audio_dir: str | None = None  #: folder the table's paths are relative to (default: the table's folder)
+    path_column: str = "filename"
+    path_template: str | None = None  #: e.g. "fold{fold}/{slice_file_name}": {column} fields, replaces path_column
+    label_column: str = "scene_label"
+    device_column: str | None = None  #: None: no device column
+    device_pattern: str | None = None  #: regex on the file name; group 1 (or group "device") is the device
+    fold_column: str | None = None
+    split_column: str | None = None  #: a column naming each row's split (train, evaluate, test, …)
+    separator: str | None = None  #: None → sniffed from the header (tab, comma or semicolon)
+    # --- splits of tables and folders: by fold (folds are the values of fold_column; a collection
+    # without a fold column, split column or split folders gets num_folds seeded, stratified folds)
+    train_folds: list[str] | None = None  #: None → every fold that is neither eval nor test
+    eval_folds: list[str] | None = None  #: None → the last fold (only for assigned folds)
+    test_folds: list[str] = dataclasses.field(default_factory=list)
+    num_folds: int = 5
+    split_seed: int = 0
+    # --- the synthetic corpus (root=None)
     synth_preset: str = "quick"
     synth_seed: int = 0
     synth_dir: str | None = None  #: where the synthetic corpus lives (default: <cache_dir>/synthetic/…)
     ir_dir: str | None = None  #: impulse responses for the synthetic corpus' IR devices
+    # --- every format
     train_split: str = "train"
     eval_split: str = "evaluate"
     missing_audio: typing.Literal["error", "skip"] = "error"  #: skip: use a partial download's files
@@ -195,6 +234,14 @@ class DataConfig:
     cache_features: bool = True  #: precompute log-mels when no augmentation needs raw audio
     balanced_devices: bool = False  #: draw training clips so every device is equally likely
     num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_folds < 2:
+            raise ConfigError(f"data.num_folds={self.num_folds} must be at least 2")
+        if self.device_column is not None and self.device_pattern is not None:
+            raise ConfigError("data.device_column and data.device_pattern both name the device; set one of them")
+        if self.fold_column is not None and self.split_column is not None:
+            raise ConfigError("data.fold_column and data.split_column both split the table; set one of them")
 
 
 @dataclasses.dataclass

@@ -8,7 +8,9 @@ and a phone app use this spec (docs/frontend.md). Keeping it free of torch is wh
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import librosa
@@ -16,7 +18,8 @@ import numpy as np
 import scipy.fft
 import scipy.sparse
 
-from asc.errors import ConfigError
+from asc.errors import AscError, ConfigError
+from asc.io import atomic_path
 
 PAD_MODES = ("constant", "reflect")  # the modes librosa and torch.stft define identically
 MEL_NORMS = ("slaney", None)
@@ -166,6 +169,45 @@ def log_mel(waveform: np.ndarray, config: FeatureConfig, dtype: type = np.float3
     return features.astype(dtype, copy=False)
 
 
+FRONTEND_ARRAYS_NAME = "frontend.npz"
+
+
+@dataclass(frozen=True, eq=False)
+class FrontendArrays:
+    """The analysis window and mel filterbank of a spec, float32, as a bundle ships them.
+
+    Computing them needs librosa, whose filter code takes longer to import than a whole
+    classification; a bundle stores them so the runtime starts fast and an app on a phone reads
+    the exact filters instead of re-implementing librosa's.
+    """
+
+    window: np.ndarray  #: (n_fft,)
+    mel_filterbank: np.ndarray  #: (n_mels, n_fft // 2 + 1)
+
+    @classmethod
+    def compute(cls, config: FeatureConfig) -> FrontendArrays:
+        return cls(analysis_window(config).astype(np.float32), mel_filterbank(config).astype(np.float32))
+
+    def save(self, path: Path) -> None:
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, window=self.window, mel_filterbank=self.mel_filterbank)
+
+    @classmethod
+    def load(cls, path: Path, config: FeatureConfig) -> FrontendArrays:
+        """The arrays in ``path``, checked against ``config``; any problem is one AscError."""
+        fix = "re-export the bundle with `asc export`"
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = cls(data["window"].astype(np.float32), data["mel_filterbank"].astype(np.float32))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            raise AscError(f"{path}: not a readable front-end file ({type(error).__name__}); {fix}") from None
+        bins = config.n_fft // 2 + 1
+        if arrays.window.shape != (config.n_fft,) or arrays.mel_filterbank.shape != (config.n_mels, bins):
+            raise AscError(f"{path}: window {arrays.window.shape} and filterbank {arrays.mel_filterbank.shape} do "
+                           f"not fit the spec (n_fft {config.n_fft}, n_mels {config.n_mels}); {fix}")
+        return arrays
+
+
 class FastLogMel:
     """:func:`log_mel` in float32 numpy/scipy, about 3x faster: the front end deployment runs.
 
@@ -176,10 +218,11 @@ class FastLogMel:
     budget is not overrun. Parity with :func:`log_mel` is tested to a relative error of 1e-4.
     """
 
-    def __init__(self, config: FeatureConfig) -> None:
+    def __init__(self, config: FeatureConfig, arrays: FrontendArrays | None = None) -> None:
         self.config = config
-        self._window = analysis_window(config).astype(np.float32)
-        self._filterbank = scipy.sparse.csr_array(mel_filterbank(config).astype(np.float32))
+        arrays = arrays or FrontendArrays.compute(config)
+        self._window = arrays.window
+        self._filterbank = scipy.sparse.csr_array(arrays.mel_filterbank)
         self._pad = config.n_fft // 2 if config.center else 0
 
     def __call__(self, waveforms: np.ndarray) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""Atomic file writes: a crash or a kill never leaves a half-written checkpoint, report or bundle."""
+"""Atomic file writes: a crash or a kill never leaves a half-written checkpoint, report or bundle.
+
+Files end up with the permissions any other new file of the user gets (0644 under the usual umask
+022), not the private 0600 of a temporary file, so colleagues on a shared server can read runs.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,13 @@ from pathlib import Path
 from typing import Any
 
 
+def default_mode(*, directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give a new file or folder under the process's umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
@@ -21,6 +32,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # a writer may have replaced the file, so set the mode on what is there
+            tmp_path.chmod(default_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -8,12 +8,25 @@ Plots need matplotlib (the ``plot`` extra); without it the report says so and sk
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from asc import __version__
+from asc.data.clips import UNKNOWN_DEVICE
 from asc.io import atomic_path, atomic_write_json, atomic_write_text
 from asc.train.metrics import Metrics, Score
+
+
+def without_unknown_devices(metrics: Metrics) -> Metrics:
+    """``metrics`` without per-device scores when no clip named its device.
+
+    A collection without devices (a CSV without a device column, a folder tree) would otherwise
+    get a device table and plot with one "unknown" row that only repeats the overall score.
+    """
+    if set(metrics.per_device) <= {UNKNOWN_DEVICE}:
+        return replace(metrics, per_device={}, class_by_device={})
+    return metrics
 
 
 def _pct(value: float) -> str:
@@ -35,11 +48,15 @@ def metrics_markdown(metrics: Metrics, title: str = "Evaluation") -> str:
     lines = [f"## {title}", "",
              f"{metrics.n} clips · accuracy **{_pct(metrics.accuracy)} %** · macro accuracy "
              f"{_pct(metrics.macro_accuracy)} % · log loss {_loss(metrics.log_loss)}", ""]
+    metrics = without_unknown_devices(metrics)
     if metrics.per_group:
         lines += _score_table("Device groups", metrics.per_group)
-    lines += _score_table("Per device", metrics.per_device)
+    if metrics.per_device:
+        lines += _score_table("Per device", metrics.per_device)
     lines += _score_table("Per class", metrics.per_class)
     devices = list(metrics.per_device)
+    if not devices:
+        return "\n".join(lines)
     lines += ["### Accuracy % by class and device", "",
               "| class | " + " | ".join(devices) + " |", "|---|" + "---:|" * len(devices)]
     for label, row in metrics.class_by_device.items():
@@ -86,7 +103,10 @@ def write_plots(metrics: Metrics, out_dir: Path) -> list[str]:
     fig.tight_layout()
     written.append(_save(fig, out_dir / "confusion.png"))
 
-    devices = list(metrics.per_device)
+    devices = list(without_unknown_devices(metrics).per_device)
+    if not devices:
+        plt.close("all")
+        return written
     fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(devices) + 2), 3.5))
     values = [100 * metrics.per_device[d].accuracy for d in devices]
     ax.bar(devices, values, color="#4c72b0")
@@ -114,6 +134,7 @@ def write_report(out_dir: Path, metrics: Metrics, *, history: list[dict[str, Any
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = without_unknown_devices(metrics)
     plots = write_plots(metrics, out_dir)
     payload = {"asc_version": __version__, "metrics": metrics.to_dict(), **(extra or {}),
                "history": history or [], "plots": plots}

@@ -30,7 +30,7 @@ from scipy.special import log_softmax, softmax
 from asc.audio import fit_length, load_audio, resample
 from asc.bundle_manifest import BundleManifest
 from asc.errors import AscError, ConfigError
-from asc.feature_spec import FastLogMel
+from asc.feature_spec import FastLogMel, FrontendArrays
 
 PathLike = str | os.PathLike[str]
 
@@ -87,6 +87,25 @@ class ClipResult(_Ranked):
     probabilities: np.ndarray
     top: tuple[Prediction, ...]
     windows: tuple[WindowResult, ...]
+    warnings: tuple[str, ...] = ()  #: why the answer may not mean much (too short, silent)
+
+
+SILENCE_DBFS = -80.0
+"""Recordings whose peak is below this level are digital silence: the model answers, but only by
+its biases. 16-bit dither sits near -90 dBFS, a quiet room recorded by a phone well above -60."""
+
+
+def input_warnings(audio: np.ndarray, sample_rate: int, clip_samples: int) -> tuple[str, ...]:
+    """Reasons the model's answer on ``audio`` says little: under half a window, or silence."""
+    found = []
+    if len(audio) < clip_samples / 2:
+        found.append(f"only {len(audio) / sample_rate:.2f} s of audio, under half the model's "
+                     f"{clip_samples / sample_rate:g}-s window; the label is a guess from mostly padding")
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    if peak <= 10 ** (SILENCE_DBFS / 20):
+        level = "digital silence" if peak == 0 else f"peak {20 * np.log10(peak):.0f} dBFS"
+        found.append(f"the recording is silent ({level}); the label reflects no sound")
+    return tuple(found)
 
 
 def window_starts(num_samples: int, clip_samples: int, hop_samples: int) -> list[int]:
@@ -113,6 +132,16 @@ def top_predictions(probabilities: np.ndarray, labels: list[str], k: int) -> tup
         raise ConfigError(f"top_k={k} must be >= 1")
     order = np.argsort(-probabilities, kind="stable")[:k]
     return tuple(Prediction(labels[i], float(probabilities[i])) for i in order)
+
+
+def bundle_frontend(bundle_dir: PathLike, manifest: BundleManifest) -> FastLogMel | None:
+    """The numpy front end a bundle needs (None when it is inside the graph), from its shipped
+    arrays when it has them, else computed from the spec (bundles of earlier asc versions)."""
+    if manifest.frontend_in_graph:
+        return None
+    arrays = (FrontendArrays.load(Path(bundle_dir) / manifest.frontend_file, manifest.features)
+              if manifest.frontend_file else None)
+    return FastLogMel(manifest.features, arrays)
 
 
 class Classifier:
@@ -149,7 +178,7 @@ class Classifier:
         self.hop_samples = (
             self.clip_samples if hop_seconds is None else max(1, round(hop_seconds * self.sample_rate))
         )
-        self._frontend = None if self.manifest.frontend_in_graph else FastLogMel(self.features)
+        self._frontend = bundle_frontend(self.bundle_dir, self.manifest)
         self.model_path, self._session = self._open_session(threads)
         self._fixed_batch = self._check_io()
         self._batch_size = self._fixed_batch or batch_size
@@ -243,6 +272,7 @@ class Classifier:
             probabilities=probabilities,
             top=top_predictions(probabilities, self.labels, top_k),
             windows=windows,
+            warnings=input_warnings(audio, self.sample_rate, self.clip_samples),
         )
 
     def _open_session(self, threads: int) -> tuple[Path, ort.InferenceSession]:

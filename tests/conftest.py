@@ -15,6 +15,39 @@ if str(REPO) not in sys.path:
 
 SHARED = Path(os.environ.get("ASC_SHARED", REPO.parent / "shared"))
 
+_VERSIONS = ("torch", "torchao", "onnxruntime", "onnx", "numpy", "scipy", "librosa", "soundfile", "torch-pruning")
+_INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Print the versions and the CPU a run was made with (int8 numerics and speed depend on both),
+    also under ``-q``, which hides pytest's own header."""
+    for line in _environment():
+        session.config.get_terminal_writer().line(line)
+
+
+def _environment() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} missing"
+
+    cpu, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model name") and cpu == "unknown CPU":
+                cpu = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
+    return [", ".join(installed(name) for name in _VERSIONS),
+            f"cpu: {cpu}; int8 flags: {' '.join(f for f in _INT8_FLAGS if f in flags) or 'none'}"]
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -55,13 +88,14 @@ def micirp_dir(shared_data: Path) -> Path:
     return shared_data / "irs" / "micirp"
 
 
-# What a machine without torch looks like to an import: any attempt fails with ImportError.
+# What a machine without torch looks like to an import: any attempt to import torch or a library
+# built on it fails with ImportError.
 _NO_TORCH = (
     "import sys\n"
     "class NoTorch:\n"
     "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name.split('.')[0] == 'torch':\n"
-    "            raise ImportError('torch is blocked')\n"
+    "        if name.split('.')[0] in ('torch', 'torchao', 'torch_pruning'):\n"
+    "            raise ImportError(name + ' is blocked')\n"
     "sys.meta_path.insert(0, NoTorch())\n"
 )
 

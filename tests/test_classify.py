@@ -29,7 +29,7 @@ from asc.classify import (
     format_results,
 )
 from asc.errors import ConfigError
-from asc.feature_spec import FeatureConfig
+from asc.feature_spec import FRONTEND_ARRAYS_NAME, FeatureConfig, FrontendArrays
 from asc.runtime import Classifier, ClipResult
 
 RATE = 16000
@@ -65,9 +65,11 @@ def band_energy_model() -> onnx.ModelProto:
 def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
     folder = tmp_path_factory.mktemp("band-bundle")
     onnx.save(band_energy_model(), folder / "model.onnx")
+    FrontendArrays.compute(FEATURES).save(folder / FRONTEND_ARRAYS_NAME)
     manifest = BundleManifest(
         labels=LABELS, sample_rate=RATE, clip_samples=RATE, frontend=FEATURES.to_dict(), frontend_in_graph=False,
         precision="fp32", input_name="log_mel", input_shape=["batch", 1, FEATURES.n_mels, FEATURES.num_frames(RATE)],
+        frontend_file=FRONTEND_ARRAYS_NAME,
     )
     (folder / "bundle.json").write_text(manifest.to_json())
     return Classifier(folder)
@@ -211,7 +213,7 @@ def test_json_parses_back(results: list[ClipResult], windows: bool) -> None:
 def test_csv_parses_back(results: list[ClipResult], windows: bool) -> None:
     reader = csv.DictReader(io.StringIO(format_results(results, "csv", windows=windows)))
     assert reader.fieldnames == ["file", "scope", "start", "end", "label", "probability",
-                                 "label_2", "probability_2", "label_3", "probability_3"]
+                                 "label_2", "probability_2", "label_3", "probability_3", "warning", "error"]
     rows = list(reader)
     expected = expected_rows(results, windows)
     assert len(rows) == len(expected) == (len(results) + (4 if windows else 0))
@@ -246,5 +248,113 @@ def test_top_one_table_has_no_top_k_column(classifier: Classifier, tmp_path: Pat
     lines = format_results(found, "table").splitlines()
     assert lines[0].split() == ["file", "seconds", "label", "probability"]
     assert lines[1].split()[-2] == "mid"
-    assert format_results([], "csv") == "file,scope,start,end,label,probability\n"
+    assert format_results([], "csv") == "file,scope,start,end,label,probability,warning,error\n"
     assert json.loads(format_results([], "json")) == []
+    assert format_results([], "table") == ""  # no header above nothing
+
+
+# ---------------------------------------------------------------- inputs the model cannot judge
+
+
+def test_short_and_silent_recordings_come_with_warnings(classifier: Classifier, tmp_path: Path) -> None:
+    sf.write(tmp_path / "short.wav", tone("low", 0.3), RATE)  # under half the 1-s window
+    sf.write(tmp_path / "silent.wav", np.zeros(RATE, np.float32), RATE)
+    sf.write(tmp_path / "hum.wav", 1e-5 * tone("low", 1.0) / 0.3, RATE, subtype="FLOAT")  # -100 dBFS: below the floor
+    sf.write(tmp_path / "quiet.wav", 1e-3 * tone("low", 1.0) / 0.3, RATE)  # -60 dBFS: a quiet room, fine
+    sf.write(tmp_path / "half.wav", tone("low", 0.5), RATE)  # exactly half: accepted
+    results, failures = classify_paths(classifier, [tmp_path], progress=False)
+    assert failures == []
+    warned = {Path(r.source).name: r.warnings for r in results}
+    assert warned["quiet.wav"] == warned["half.wav"] == ()
+    assert len(warned["short.wav"]) == 1 and "only 0.30 s of audio" in warned["short.wav"][0]
+    assert "under half the model's 1-s window" in warned["short.wav"][0]
+    assert warned["silent.wav"] == ("the recording is silent (digital silence); the label reflects no sound",)
+    assert "peak -100 dBFS" in warned["hum.wav"][0]
+    record = {Path(r["file"]).name: r for r in json.loads(format_results(results, "json"))}
+    assert record["short.wav"]["warnings"] == list(warned["short.wav"]) and record["quiet.wav"]["warnings"] == []
+    rows = {Path(r["file"]).name: r for r in csv.DictReader(io.StringIO(format_results(results, "csv")))}
+    assert rows["silent.wav"]["warning"] == warned["silent.wav"][0] and rows["half.wav"]["warning"] == ""
+
+
+def test_machine_readable_output_lists_failed_files_with_their_error(classifier: Classifier, tmp_path: Path) -> None:
+    problems = bad_files(tmp_path)
+    sf.write(tmp_path / "good.wav", tone("mid", 1.0), RATE)
+    results, failures = classify_paths(classifier, [tmp_path, tmp_path / "missing.wav"], progress=False)
+    assert [Path(r.source).name for r in results] == ["good.wav"]
+    records = json.loads(format_results(results, "json", failures=failures))
+    # paths that are not there fail while the inputs are listed, unreadable files while decoding
+    assert [Path(r["file"]).name for r in records] == ["good.wav", "missing.wav", "corrupt.wav", "empty.flac",
+                                                       "text.ogg"]
+    errors = {Path(r["file"]).name: r["error"] for r in records[1:]}
+    for path, problem in problems.items():
+        assert problem in errors[path.name] and errors[path.name].startswith(str(path))
+    assert "no such file" in errors["missing.wav"] and "label" not in records[1]
+    rows = list(csv.DictReader(io.StringIO(format_results(results, "csv", failures=failures))))
+    assert [(Path(r["file"]).name, r["scope"]) for r in rows] == [
+        ("good.wav", "clip"), ("missing.wav", "error"), ("corrupt.wav", "error"), ("empty.flac", "error"),
+        ("text.ogg", "error")]
+    assert rows[0]["error"] == "" and rows[0]["label"] == "mid"
+    assert all(r["label"] == "" and r["error"] == errors[Path(r["file"]).name] for r in rows[1:])
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_exit_status_says_whether_some_or_all_inputs_failed(classifier: Classifier, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from asc.cli import main
+
+    bundle = str(classifier.bundle_dir)
+    sf.write(tmp_path / "good.wav", tone("high", 1.0), RATE)
+    (tmp_path / "bad.wav").write_text("not audio")
+    assert main(["classify", bundle, str(tmp_path / "good.wav"), "-q"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[2] == "high"
+
+    assert main(["classify", bundle, str(tmp_path), "-q"]) == 1  # one answer, one failure
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2 and captured.err.count("asc: error:") == 1
+
+    assert main(["classify", bundle, str(tmp_path / "bad.wav"), str(tmp_path / "nope.wav"), "-q"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no empty table header above the errors
+    assert [line.split(":")[2].strip() for line in captured.err.splitlines()] == [
+        str(tmp_path / "nope.wav"), str(tmp_path / "bad.wav")]
+
+    assert main(["classify", bundle, str(tmp_path / "bad.wav"), "--format", "json", "-q"]) == 2
+    assert [r["file"] for r in json.loads(capsys.readouterr().out)] == [str(tmp_path / "bad.wav")]
+
+
+def test_cli_warns_about_short_and_silent_recordings_on_stderr(classifier: Classifier, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from asc.cli import main
+
+    sf.write(tmp_path / "blip.wav", tone("low", 0.2), RATE)
+    sf.write(tmp_path / "silent.wav", np.zeros(RATE, np.float32), RATE)
+    assert main(["classify", str(classifier.bundle_dir), str(tmp_path), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 3
+    warnings = captured.err.splitlines()
+    assert len(warnings) == 2 and all(line.startswith("asc: warning: ") for line in warnings)
+    assert "blip.wav: only 0.20 s of audio" in warnings[0] and "silent.wav: the recording is silent" in warnings[1]
+
+
+def test_deployment_commands_never_import_torch(classifier: Classifier, tmp_path: Path, without_torch) -> None:
+    """What a phone-side or server-side deployment runs: help, classify, bench, evaluate on a bundle.
+
+    librosa's filter code is not loaded either: the bundle ships its window and filterbank, and
+    importing librosa.filters costs more than a whole classification."""
+    sf.write(tmp_path / "x.wav", tone("mid", 1.0), RATE)
+    code = ("import sys\nfrom asc.cli import main\n"
+            "for argv in (['classify', *sys.argv[1:3], '-q'], ['bench', sys.argv[1], '--threads', '1', '--repeats', '1'],\n"
+            "             ['evaluate', sys.argv[1], '--data', sys.argv[3], '-q']):\n"
+            "    status = main(argv)\n"
+            "    print('status', status)\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as stop:\n    print('help', stop.code)\n"
+            "print('loaded', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchao')\n"
+            "                       or m == 'librosa.filters'))\n")
+    done = without_torch(code, classifier.bundle_dir, tmp_path / "x.wav", tmp_path / "no-dataset")
+    lines = done.stdout.splitlines()
+    assert [line for line in lines if line.startswith(("status", "help", "loaded"))] == [
+        "status 0", "status 0", "status 2", "help 0", "loaded []"], done.stderr
+    assert "blocked" not in done.stderr  # evaluate failed on the missing dataset, not on an import
+    assert "no-dataset" in done.stderr

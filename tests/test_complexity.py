@@ -306,3 +306,73 @@ def test_format_table_has_rows_totals_and_verdicts():
     assert "parameters after BN folding" in text and "45,990" in text
     assert text.rstrip().endswith("dcase2022: MACs per 1-s input 29,203,560 <= 30,000,000: PASS")
     assert "features.1.0" not in format_table(c, per_layer=False)
+
+
+def _bundle(folder: Path, model: nn.Module, features: FeatureConfig, clip_seconds: int, dynamic_time: bool) -> Path:
+    """A bundle folder around ``model`` exported for ``clip_seconds`` of log-mel input."""
+    from asc.bundle_manifest import BundleManifest
+
+    folder.mkdir()
+    frames = features.num_frames(clip_seconds * features.sample_rate)
+    if dynamic_time:
+        _export(model, folder / "model.onnx", (1, 1, features.n_mels, frames), dynamic_time=True)
+    else:  # what asc export writes: static shapes after the batch axis
+        from asc.export.onnx import save_onnx, torch_to_onnx
+
+        save_onnx(torch_to_onnx(model, torch.zeros(2, 1, features.n_mels, frames), input_name="x"),
+                  folder / "model.onnx")
+    manifest = BundleManifest(labels=[str(i) for i in range(10)], sample_rate=features.sample_rate,
+                              clip_samples=clip_seconds * features.sample_rate, frontend=features.to_dict(),
+                              frontend_in_graph=False, precision="fp32", input_name="x",
+                              input_shape=["batch", 1, features.n_mels, frames])
+    (folder / "bundle.json").write_text(manifest.to_json())
+    return folder
+
+
+@pytest.mark.slow
+def test_a_bundle_answers_the_1s_rules_from_its_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from asc.cli import main
+
+    features = FeatureConfig(sample_rate=16000, n_fft=512, hop_length=256, n_mels=32)
+    model = randomise_norms(build_model("bcresnet_mod", 10, width=8))  # sub-spectral norms reshape
+    second = (1, 1, 32, features.num_frames(16000))
+    free = _bundle(tmp_path / "free", model, features, clip_seconds=3, dynamic_time=True)
+    assert main(["complexity", str(free), "--rules", "dcase2024"]) == 0
+    out = capsys.readouterr().out
+    macs_1s = complexity(model, second).macs
+    assert f"MACs per 1-s input 1x1x32x63  {macs_1s:,}" in out and "scaled" not in out
+    assert "UNKNOWN" not in out and out.count(": PASS") == 2
+
+    # the exporter's graphs fix the time axis: the 1-s figure is scaled from the clip, and says so
+    fixed = _bundle(tmp_path / "fixed", model, features, clip_seconds=3, dynamic_time=False)
+    with pytest.raises(AscError, match="shape inference failed"):
+        onnx_complexity(fixed / "model.onnx", (1, 1, 32, 188), one_second_shape=second)
+    assert main(["complexity", str(fixed), "--rules", "dcase2024"]) == 0
+    out = capsys.readouterr().out
+    clip_macs = complexity(model, (1, 1, 32, 188)).macs
+    assert f"MACs per 1-s input 1x1x32x63  {round(clip_macs * 63 / 188):,}" in out
+    assert "scaled from the 1x1x32x188 input: the graph fixes its time axis" in out
+    assert abs(round(clip_macs * 63 / 188) - macs_1s) < 0.03 * macs_1s  # stride rounding: a few per cent
+
+
+@pytest.mark.parametrize("spelling", ["1x1x16x63", "1,1,16,63", "1×1×16×63"])
+def test_shapes_are_accepted_as_printed(tmp_path: Path, spelling: str, capsys: pytest.CaptureFixture[str]):
+    from asc.cli import main
+
+    features = FeatureConfig(sample_rate=16000, n_fft=512, hop_length=256, n_mels=16)
+    free = _bundle(tmp_path / "free", randomise_norms(_Small()), features, clip_seconds=1, dynamic_time=True)
+    assert main(["complexity", str(free / "model.onnx"), "--input-shape", spelling, "--one-second-shape",
+                 spelling, "--rules", "dcase2022"]) == 0
+    assert "MACs per 1-s input 1x1x16x63" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["complexity", str(free), "--one-second-shape", "1x1xsixteen"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "'1x1xsixteen' is not a shape such as 1x1x256x431" in error
+
+
+def test_the_cli_lists_every_rule_set_without_importing_them():
+    from asc.cli.complexity import RULE_SET_NAMES
+    from asc.complexity import rule_names
+
+    assert RULE_SET_NAMES == rule_names()

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from asc.config import (OptimConfig, RunConfig, from_dict, load_config, parse_overrides, save_yaml,
-                        to_dict)
+from asc.config import OptimConfig, RunConfig, from_dict, load_config, parse_overrides, save_yaml, to_dict
 from asc.errors import ConfigError
 
 
@@ -73,3 +72,25 @@ def test_parse_overrides_values_are_yaml():
 def test_from_dict_builds_nested_dataclasses():
     optim = from_dict(OptimConfig, {"grad_clip": 5})
     assert optim.grad_clip == 5.0 and dataclasses.is_dataclass(optim)
+
+
+def test_data_options_are_validated_and_override_data_touches_only_data():
+    from asc.config import DataConfig, override_data
+
+    with pytest.raises(ConfigError, match="data.num_folds=1 must be at least 2"):
+        load_config(RunConfig, overrides=["data.num_folds=1"])
+    with pytest.raises(ConfigError, match="set one of them"):
+        load_config(RunConfig, overrides=["data.device_column=mic", r"data.device_pattern=-(\w+)\.wav$"])
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(RunConfig, overrides=["data.format=csv"])
+    data = override_data(DataConfig(), ["data.eval_folds=[5]", "data.label_column=category"], root="meta.csv")
+    assert (data.root, data.eval_folds, data.label_column, data.train_folds) == ("meta.csv", ["5"], "category", None)
+    with pytest.raises(ConfigError, match="override 'model…' does not apply here; only data.\\* settings do"):
+        override_data(DataConfig(), ["model.args.width=8"])
+    with pytest.raises(ConfigError, match="unknown config key 'data.label_col'; did you mean 'data.label_column'"):
+        override_data(DataConfig(), ["data.label_col=x"])
+
+
+def test_config_imports_without_torch(without_torch):
+    done = without_torch("import asc.config, asc.augment\nassert 'torch' not in sys.modules, 'torch imported'\n")
+    assert done.returncode == 0, done.stderr

@@ -37,7 +37,8 @@ def test_classify_a_run_exports_once_and_reports_bad_files(run: Path, recordings
     assert main(["classify", str(run), str(recordings), "--format", "json", "-q"]) == 1
     captured = capsys.readouterr()
     rows = json.loads(captured.out)
-    assert [Path(row["file"]).name for row in rows] == ["long-48k-stereo.wav", "short-8k.wav"]
+    assert [Path(row["file"]).name for row in rows] == ["long-48k-stereo.wav", "short-8k.wav", "notes.wav"]
+    assert "not a readable audio file" in rows.pop()["error"]  # the failed file is in the output too
     for row in rows:  # the answer is the most likely label, and the top-k list is ranked
         probabilities = [p["probability"] for p in row["top_k"]]
         assert row["label"] == row["top_k"][0]["label"] and probabilities == sorted(probabilities, reverse=True)
@@ -71,8 +72,8 @@ def test_evaluate_a_bundle_through_the_runtime_matches_its_export_parity(run: Pa
     assert main(["evaluate", str(bundle), "--data", str(data), "-q"]) == 0
     report = json.loads((tmp_path / "bundle-eval-evaluate" / "report.json").read_text())
     assert report["metrics"]["accuracy"] == pytest.approx(at_export, abs=1.5 / report["metrics"]["n"])
-    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "model.onnx", "model.ort", "parity.json",
-                                                         "required_operators.config"]  # nothing written into it
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "frontend.npz", "model.onnx", "model.ort",
+                                                         "parity.json", "required_operators.config"]  # nothing added
     assert main(["evaluate", str(bundle)]) == 2
     assert "give --data ROOT" in capsys.readouterr().err
 
@@ -81,3 +82,16 @@ def test_classify_refuses_a_folder_that_is_neither_bundle_nor_run(tmp_path: Path
     assert main(["classify", str(tmp_path), str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "neither a bundle" in error[0]
+
+
+def test_run_and_bundle_files_are_readable_by_colleagues(run: Path, tmp_path: Path):
+    """Files get the mode of any new file under the user's umask (0644 usually), not a temp file's 0600."""
+    import stat
+
+    from asc.io import default_mode
+
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle"), "--parity-clips", "8", "-q"]) == 0
+    files = [p for p in [*run.rglob("*"), *(tmp_path / "bundle").rglob("*")] if p.is_file()]
+    assert len(files) > 8 and {p.name for p in files} >= {"config.yaml", "last.pt", "report.json", "bundle.json"}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: default_mode() for p in files}
+    assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == default_mode(directory=True)

@@ -10,8 +10,8 @@ import librosa
 import numpy as np
 import pytest
 
-from asc.errors import ConfigError
-from asc.feature_spec import FastLogMel, FeatureConfig, log_mel
+from asc.errors import AscError, ConfigError
+from asc.feature_spec import FastLogMel, FeatureConfig, FrontendArrays, log_mel
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -121,3 +121,27 @@ def test_works_with_torch_blocked(without_torch) -> None:
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out == {"shape": [2, 1, 40, 101], "min": pytest.approx(np.log(1e-5)), "torch": False}
+
+
+@pytest.mark.parametrize("name", ["dcase", "16k_win_lt_nfft"])
+def test_shipped_arrays_give_the_same_features_as_computed_ones(name: str, tmp_path: Path) -> None:
+    config = CONFIGS[name]
+    FrontendArrays.compute(config).save(tmp_path / "frontend.npz")
+    loaded = FrontendArrays.load(tmp_path / "frontend.npz", config)
+    expected = librosa.filters.mel(sr=config.sample_rate, n_fft=config.n_fft, n_mels=config.n_mels,
+                                   fmin=config.f_min, fmax=config.effective_f_max, norm=config.mel_norm)
+    np.testing.assert_allclose(loaded.mel_filterbank, expected, rtol=1e-6, atol=1e-9)
+    assert loaded.window.dtype == np.float32 and loaded.window.shape == (config.n_fft,)
+    clips = np.random.default_rng(3).standard_normal((2, config.sample_rate)).astype(np.float32)
+    np.testing.assert_array_equal(FastLogMel(config, loaded)(clips), FastLogMel(config)(clips))
+    assert (tmp_path / "frontend.npz").stat().st_size < 20_000  # sparse triangles compress well
+
+
+def test_arrays_that_do_not_fit_the_spec_are_one_line_errors(tmp_path: Path) -> None:
+    FrontendArrays.compute(SPEECH_16K).save(tmp_path / "frontend.npz")
+    with pytest.raises(AscError, match=r"do not fit the spec \(n_fft 2048, n_mels 256\); re-export") as error:
+        FrontendArrays.load(tmp_path / "frontend.npz", DCASE)
+    assert "\n" not in str(error.value)
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(AscError, match="broken.npz: not a readable front-end file"):
+        FrontendArrays.load(tmp_path / "broken.npz", DCASE)

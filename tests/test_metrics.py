@@ -54,3 +54,21 @@ def test_metrics_round_trip_through_a_dict():
     again = type(metrics).from_dict(metrics.to_dict())
     assert again.per_device["s4"].accuracy == 0.0 and again.confusion == metrics.confusion
     assert again.to_dict() == metrics.to_dict()
+
+
+def test_reports_of_collections_without_devices_have_no_device_tables(tmp_path):
+    from asc.report import metrics_markdown, without_unknown_devices, write_report
+
+    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]]))
+    metrics = compute_metrics(logits, [0, 1, 1], ["unknown"] * 3, LABELS)
+    assert list(metrics.per_device) == ["unknown"]
+    stripped = without_unknown_devices(metrics)
+    assert stripped.per_device == {} and stripped.class_by_device == {} and stripped.accuracy == pytest.approx(2 / 3)
+    markdown = metrics_markdown(metrics)
+    assert "Per class" in markdown and "device" not in markdown.lower()
+    write_report(tmp_path, metrics)
+    assert not (tmp_path / "per_device.png").exists()
+    assert '"per_device": {}' in (tmp_path / "report.json").read_text()
+    # one real device next to unknown ones keeps the table: the unknown row is then information
+    mixed = compute_metrics(logits, [0, 1, 1], ["a", "unknown", "unknown"], LABELS)
+    assert without_unknown_devices(mixed) is mixed and "| unknown | 2 |" in metrics_markdown(mixed)

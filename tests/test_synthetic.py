@@ -320,3 +320,24 @@ def test_certain_sources_always_sound_and_optional_ones_sometimes() -> None:
     assert all(sampler.present("1.present", recipe.sources[1].presence) for sampler in samplers)
     share = np.mean([sampler.present("3.present", recipe.sources[3].presence) for sampler in samplers])
     assert 0.25 < share < 0.55
+
+
+def test_table_layout_writes_one_plain_table_with_folds_by_segment(corpus: Path, tmp_path: Path) -> None:
+    root = tmp_path / "table"
+    summary = synthesize(root, tiny(), progress=False, layout="table")
+    with (root / "clips.csv").open(newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    assert header == ["filename", "scene_label", "device", "fold"]
+    assert not (root / "meta.csv").exists() and not (root / "evaluation_setup").exists()
+    assert all_bytes(root / "audio") == all_bytes(corpus / "audio")  # the same recordings as the TAU layout
+    assert summary.total == len(rows) == 160
+    assert {row[3] for row in rows if row[2] in ("s4", "s5", "s6")} == {"5"}  # evaluation split
+    folds_of_segment: dict[str, set[str]] = {}
+    for filename, _, device, fold in rows:
+        assert device == device_of(filename)
+        folds_of_segment.setdefault(segment_of(filename), set()).add(fold)
+    assert all(len(folds) == 1 for folds in folds_of_segment.values())  # a segment never spans two folds
+    assert {fold for folds in folds_of_segment.values() for fold in folds} == {"1", "2", "3", "4", "5"}
+    assert synthesize(root, tiny(), progress=False, layout="table").generated is False
+    assert synthesize(root, tiny(), progress=False, layout="tau").generated is True  # a layout change rewrites
+    assert (root / "meta.csv").is_file() and not (root / "clips.csv").exists()

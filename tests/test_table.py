@@ -111,14 +111,15 @@ def test_wrong_column_lists_columns_and_option(esc: Path) -> None:
     message = str(raised.value)
     assert "no column 'scene_label'" in message
     assert "comma-separated columns found: filename, fold, target, category" in message
-    assert "pass label_column=" in message
+    assert "set data.label_column= to one of the columns found" in message
 
 
 def test_table_errors(esc: Path, tmp_path: Path) -> None:
     table = esc / "meta" / "esc50.csv"
-    with pytest.raises(DatasetError, match="both evaluation and test folds"):
+    with pytest.raises(DatasetError, match=r"fold\(s\) 5 are in both data.eval_folds and data.test_folds"):
         read_table(
-            table, label_column="category", fold_column="fold", eval_folds=(5,), test_folds=(5,)
+            table, audio_root=esc / "audio", label_column="category", fold_column="fold",
+            eval_folds=(5,), test_folds=(5,),
         )
     with pytest.raises(DatasetError, match="without a fold column"):
         read_table(table, label_column="category", eval_folds=(5,))
@@ -175,3 +176,39 @@ def test_label_vocabulary_order() -> None:
         "metro_station",
         "street_traffic",
     ]
+
+
+def test_assigned_folds_are_stratified_balanced_and_seeded() -> None:
+    from asc.data.clips import Clip
+    from asc.data.splits import assign_folds, fold_order, split_by_folds
+
+    clips = [Clip(Path(f"{label}{i}.wav"), label) for label, n in (("a", 7), ("b", 5), ("c", 3)) for i in range(n)]
+    dealt = assign_folds(clips, 5, seed=0)
+    assert [c.path for c in dealt] == [c.path for c in clips]  # order kept, only folds added
+    sizes = [sum(c.fold == str(k) for c in dealt) for k in range(1, 6)]
+    assert sizes == [3, 3, 3, 3, 3]
+    for label in "ab":  # every class with at least k clips is in every fold
+        assert {c.fold for c in dealt if c.label == label} == set("12345")
+    assert dealt == assign_folds(clips, 5, seed=0) and dealt != assign_folds(clips, 5, seed=1)
+    splits = split_by_folds(dealt, Path("t.csv"))
+    assert {c.fold for c in splits["evaluate"]} == {"5"} and len(splits["train"]) == 12
+    picked = split_by_folds(dealt, Path("t.csv"), train_folds=[1, 2], eval_folds=[3], test_folds=[4])
+    assert [len(picked[s]) for s in ("train", "evaluate", "test")] == [6, 3, 3]  # fold 5 left out
+    with pytest.raises(DatasetError, match=r"data.train_folds names fold\(s\) 9 that no clip is in \(folds found: 1, 2, 3, 4, 5\)"):
+        split_by_folds(dealt, Path("t.csv"), train_folds=[9])
+    with pytest.raises(DatasetError, match=r"fold\(s\) 2 are in both data.train_folds and data.eval_folds"):
+        split_by_folds(dealt, Path("t.csv"), train_folds=[1, 2], eval_folds=[2])
+    assert fold_order({"10", "2", "1", "extra"}) == ["1", "2", "10", "extra"]
+
+
+def test_split_folders_above_class_folders(tmp_path: Path) -> None:
+    write_wav(tmp_path / "train" / "rain" / "a.wav")
+    write_wav(tmp_path / "train" / "wind" / "b.wav")
+    write_wav(tmp_path / "val" / "rain" / "c.wav")
+    clipset = read_folder(tmp_path)
+    assert {name: [c.path.name for c in clips] for name, clips in clipset.splits.items()} == {
+        "train": ["a.wav", "b.wav"], "val": ["c.wav"]}
+    assert clipset.labels == ["rain", "wind"]
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DatasetError, match="test: folder is empty"):
+        read_folder(tmp_path)

@@ -18,6 +18,7 @@ All are train-only, act on batches, and draw their randomness from a caller-supp
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -43,12 +44,18 @@ IR_EXTENSIONS = (".wav", ".flac", ".ogg", ".aif", ".aiff")
 # ----------------------------------------------------------------------------------------------
 
 
-def pair_by_segment(clips: Sequence[Clip], source: str = "a") -> list[tuple[int, int]]:
+def pair_by_segment(clips: Sequence[Clip], source: str | None = "a") -> list[tuple[int, int]]:
     """``(source clip, other-device clip)`` index pairs that recorded the same segment.
 
     Clips without a segment id cannot be paired and are skipped. Pairs are ordered by the
-    other-device clip, so the result follows the order of ``clips``.
+    other-device clip, so the result follows the order of ``clips``. ``source=None`` takes the
+    device with the most segment-identified clips (TAU's "a"), the one translation starts from.
     """
+    if source is None:
+        counts = Counter(clip.device for clip in clips if clip.segment is not None)
+        if not counts:
+            return []
+        source = max(sorted(counts), key=lambda device: counts[device])
     by_segment: dict[str, list[int]] = {}
     for index, clip in enumerate(clips):
         if clip.segment is not None and clip.device == source:
@@ -326,6 +333,13 @@ def _check_probability(name: str, p: float) -> None:
         raise ConfigError(f"{name} p={p} must be between 0 and 1")
 
 
+def _source_ids(devices: Sequence[str], source: str | None, who: str) -> Tensor | None:
+    """Vocabulary ids of the source device, or None (every clip) when no source is named."""
+    if source is None:
+        return None
+    return torch.tensor([_source_index(devices, source, who)])
+
+
 def _source_index(devices: Sequence[str], source: str, who: str) -> int:
     if source not in devices:
         raise ConfigError(
@@ -335,10 +349,13 @@ def _source_index(devices: Sequence[str], source: str, who: str) -> int:
     return list(devices).index(source)
 
 
-def _pick_source_rows(devices: Tensor, source_index: int, p: float, generator: torch.Generator) -> Tensor:
-    """Indices of source-device rows selected with probability p (draws for every row, CPU)."""
+def _pick_source_rows(devices: Tensor, source_ids: Tensor | None, p: float, generator: torch.Generator) -> Tensor:
+    """Indices of source-device rows (every row when ``source_ids`` is None) selected with
+    probability p (draws for every row, CPU)."""
     draws = torch.rand(devices.shape[0], generator=generator) < p
-    return torch.nonzero(draws & (devices.cpu() == source_index)).squeeze(1)
+    if source_ids is not None:
+        draws &= torch.isin(devices.cpu(), source_ids)
+    return torch.nonzero(draws).squeeze(1)
 
 
 class DeviceTranslation:
@@ -354,12 +371,15 @@ class DeviceTranslation:
         devices: Sequence[str],
         targets: Sequence[str] | None = None,
         *,
-        source: str = "a",
+        source: str | None = "a",
         p: float = 0.5,
     ) -> None:
+        """``source=None``: the first device of ``devices`` that is not a target (TAU's "a": the
+        model was fitted from the majority device's pairs, so every other paired device is a target)."""
         _check_probability("DeviceTranslation", p)
         self.model, self.p = model, p
-        self.source_index = _source_index(devices, source, "DeviceTranslation")
+        if source is not None:
+            _source_index(devices, source, "DeviceTranslation")
         targets = list(targets) if targets is not None else [d for d in model.devices if d in devices]
         if not targets:
             raise ConfigError(
@@ -375,11 +395,17 @@ class DeviceTranslation:
                     "drop it from the targets"
                 )
         self.targets = targets
+        if source is None:
+            source = next((name for name in devices if name not in targets), None)
+            if source is None:
+                raise ConfigError("DeviceTranslation: every training device is a translation target, so none is "
+                                  "the source; set augment.source_device")
+        self.source_ids = _source_ids(devices, source, "DeviceTranslation")
         self._model_ids = torch.tensor([model.devices.index(name) for name in targets])
         self._vocab_ids = torch.tensor([list(devices).index(name) for name in targets])
 
     def __call__(self, x: Tensor, devices: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        rows = _pick_source_rows(devices, self.source_index, self.p, generator)
+        rows = _pick_source_rows(devices, self.source_ids, self.p, generator)
         choice = torch.randint(len(self.targets), (devices.shape[0],), generator=generator)[rows]
         if rows.numel() == 0:
             return x, devices
@@ -426,14 +452,15 @@ class ImpulseResponseAugment:
     the IR's onset delay (a few ms for MicIRP).
     """
 
-    def __init__(self, irs: Tensor, devices: Sequence[str], *, source: str = "a", p: float = 0.6) -> None:
+    def __init__(self, irs: Tensor, devices: Sequence[str], *, source: str | None = "a", p: float = 0.6) -> None:
+        """``source=None`` convolves clips of every device (collections without devices)."""
         _check_probability("ImpulseResponseAugment", p)
         if irs.dim() != 2 or irs.shape[0] == 0:
             raise ValueError(
                 f"impulse responses must be (n_irs, length) with n_irs > 0; got {tuple(irs.shape)}"
             )
         self.irs, self.p = irs, p
-        self.source_index = _source_index(devices, source, "ImpulseResponseAugment")
+        self.source_ids = _source_ids(devices, source, "ImpulseResponseAugment")
 
     @classmethod
     def from_folder(
@@ -442,13 +469,13 @@ class ImpulseResponseAugment:
         sample_rate: int,
         devices: Sequence[str],
         *,
-        source: str = "a",
+        source: str | None = "a",
         p: float = 0.6,
     ) -> ImpulseResponseAugment:
         return cls(load_impulse_responses(folder, sample_rate), devices, source=source, p=p)
 
     def __call__(self, x: Tensor, devices: Tensor, generator: torch.Generator) -> Tensor:
-        rows = _pick_source_rows(devices, self.source_index, self.p, generator)
+        rows = _pick_source_rows(devices, self.source_ids, self.p, generator)
         choice = torch.randint(self.irs.shape[0], (devices.shape[0],), generator=generator)[rows]
         if rows.numel() == 0:
             return x

@@ -9,10 +9,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from asc.data.cache import FeatureCache, WaveformCache
-from asc.data.clips import DEVICE_GROUPS, TAU_SCENES, UNKNOWN_DEVICE, Clip, ClipSet, device_group
+from asc.data.clips import (
+    DEVICE_GROUPS,
+    TAU_SCENES,
+    UNKNOWN_DEVICE,
+    Clip,
+    ClipSet,
+    device_group,
+    device_vocabulary,
+    has_devices,
+)
+from asc.data.problems import Problem
+from asc.data.source import check_dataset, detect_format, read_dataset
+from asc.data.splits import assign_folds, split_by_folds
 from asc.data.table import label_vocabulary, read_folder, read_table
-from asc.data.clips import device_vocabulary
-from asc.data.tau import Problem, check_tau, describe, read_tau
+from asc.data.tau import check_tau, describe, read_tau
 
 if TYPE_CHECKING:
     from asc.data.loader import ClipDataset, DeviceBalancedSampler, make_loader
@@ -30,15 +41,21 @@ __all__ = [
     "FeatureCache",
     "Problem",
     "WaveformCache",
+    "assign_folds",
+    "check_dataset",
     "check_tau",
     "describe",
+    "detect_format",
     "device_group",
     "device_vocabulary",
+    "has_devices",
     "label_vocabulary",
     "make_loader",
+    "read_dataset",
     "read_folder",
     "read_table",
     "read_tau",
+    "split_by_folds",
 ]
 
 

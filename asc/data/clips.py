@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from asc.errors import DatasetError
+
 #: The ten scene classes of TAU Urban Acoustic Scenes 2020 Mobile, in the challenge's order.
 TAU_SCENES: tuple[str, ...] = (
     "airport",
@@ -59,6 +61,12 @@ class Clip:
     device: str = UNKNOWN_DEVICE
     city: str | None = None
     segment: str | None = None
+    fold: str | None = None  #: the collection's fold (a table's fold column or an assigned fold)
+
+
+def has_devices(clips: Iterable[Clip]) -> bool:
+    """Whether any clip names its recording device; without devices, device tables mean nothing."""
+    return any(clip.device != UNKNOWN_DEVICE for clip in clips)
 
 
 @dataclass
@@ -72,6 +80,19 @@ class ClipSet:
 
     def __getitem__(self, split: str) -> list[Clip]:
         return self.splits[split]
+
+    def split(self, name: str) -> list[Clip]:
+        """The clips of split ``name`` ("all": every split's); a missing or empty split is a one-line
+        dataset error."""
+        if name == "all" and name not in self.splits:
+            return [clip for clips in self.splits.values() for clip in clips]
+        if name not in self.splits:
+            raise DatasetError(self.root or "dataset", f"has no split '{name}' (found: {', '.join(self.splits)})",
+                               "set data.train_split / data.eval_split (or --split) to one of them")
+        if not self.splits[name]:
+            raise DatasetError(self.root or "dataset", f"split '{name}' is empty",
+                               "check the split's folds, folder or evaluation_setup/ file")
+        return self.splits[name]
 
     def label_index(self, label: str) -> int:
         return self.labels.index(label)

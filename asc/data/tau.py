@@ -13,36 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from tqdm import tqdm
-
-from asc.audio import load_audio, probe_audio
-from asc.data.clips import UNKNOWN_DEVICE, Clip, ClipSet, device_vocabulary
+from asc.data.clips import UNKNOWN_DEVICE, Clip, ClipSet, device_vocabulary, has_devices
+from asc.data.problems import Problem, probe_files
 from asc.data.table import label_vocabulary, read_rows, separator_name
-from asc.errors import AudioError, DatasetError
+from asc.errors import DatasetError
 
 META_COLUMNS = ("filename", "scene_label", "identifier", "source_label")
 FOLD_COLUMNS = ("filename", "scene_label")
 _SHOWN = 3  # file names quoted in a problem message
-_MAX_AUDIO_PROBLEMS = 20  # unreadable files reported one by one before summarising
-
-Severity = Literal["error", "warning"]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding of :func:`check_tau`; errors make the dataset unreadable, warnings do not."""
-
-    path: Path
-    message: str
-    severity: Severity = "error"
-    fix: str | None = None
-
-    def __str__(self) -> str:
-        text = f"{self.severity}: {self.path}: {self.message}"
-        return f"{text}; {self.fix}" if self.fix else text
-
-    def to_error(self) -> DatasetError:
-        return DatasetError(self.path, self.message, self.fix)
 
 
 @dataclass(frozen=True)
@@ -128,23 +106,7 @@ def check_tau(
             "data.missing_audio=skip (asc evaluate --skip-missing) to use only the files present"
         )
         problems.append(_error(root / "audio", message, fix))
-    rates: Counter[int] = Counter()
-    unreadable: list[Problem] = []
-    for path in tqdm(present, desc="checking audio", unit="file", disable=not progress):
-        try:
-            rates[probe_audio(path).sample_rate] += 1
-            if decode:
-                load_audio(path)
-        except AudioError as error:
-            unreadable.append(_error(path, error.problem, error.fix or "replace the file"))
-    problems.extend(unreadable[:_MAX_AUDIO_PROBLEMS])
-    if len(unreadable) > _MAX_AUDIO_PROBLEMS:
-        message = f"{len(unreadable) - _MAX_AUDIO_PROBLEMS} more unreadable audio files"
-        problems.append(_error(root / "audio", message, "re-download the archives holding them"))
-    if len(rates) > 1:
-        counts = ", ".join(f"{rate} Hz ({count} files)" for rate, count in sorted(rates.items()))
-        message = f"mixed sample rates: {counts}"
-        problems.append(_warning(root / "audio", message, "they are resampled when loaded"))
+    problems.extend(probe_files(present, root / "audio", decode=decode, progress=progress))
     return problems
 
 
@@ -161,8 +123,10 @@ def describe(clipset: ClipSet) -> str:
         name: Counter(clip.device for clip in split) for name, split in splits
     }
     by_class = {name: Counter(clip.label for clip in split) for name, split in splits}
-    device_lines = _count_table("device", devices, by_device)
-    return "\n".join([*device_lines, "", *_count_table("class", classes, by_class)])
+    class_lines = _count_table("class", classes, by_class)
+    if not has_devices(clips):  # one "unknown" row would only repeat the totals
+        return "\n".join(class_lines)
+    return "\n".join([*_count_table("device", devices, by_device), "", *class_lines])
 
 
 def _count_table(

@@ -54,7 +54,9 @@ from asc.export.verify import (
     enforce_gate,
     measure_parity,
 )
+from asc.feature_spec import FRONTEND_ARRAYS_NAME, FrontendArrays
 from asc.features import FeatureConfig, LogMel
+from asc.io import default_mode
 from asc.models import FreqNorm
 from asc.train.data import clipset_devices, make_dataset, open_clipset, split_clips
 from asc.train.evaluate import load_run_model
@@ -159,7 +161,7 @@ def _atomic_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a hidden sibling folder; on success it replaces ``out_dir`` (kept as is on failure)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    stage.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+    stage.chmod(default_mode(directory=True))  # mkdtemp makes it private; a bundle is meant to be shared
     try:
         yield stage
         if out_dir.exists():
@@ -275,6 +277,8 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision
         manifest = _manifest(run, precision, in_graph, report, deployed,
                              ort_file=ort_files.model.name if ort_files else None, quantization=quantization,
                              calibration_clips=built.calibration_clips)
+        if not in_graph:
+            FrontendArrays.compute(run.features).save(stage / FRONTEND_ARRAYS_NAME)
         (stage / PARITY_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         (stage / MANIFEST_NAME).write_text(manifest.to_json())
         BundleManifest.read(stage)  # what the runtime will read must read back
@@ -338,7 +342,7 @@ def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityRep
         labels=run.labels, sample_rate=features.sample_rate, clip_samples=run.clip_samples,
         frontend=features.to_dict(), frontend_in_graph=in_graph, precision=precision,  # type: ignore[arg-type]
         input_name=FRONTEND_INPUT if in_graph else FEATURE_INPUT, input_shape=input_shape, output_name=OUTPUT,
-        model_file=MODEL_NAME, ort_file=ort_file,
+        model_file=MODEL_NAME, ort_file=ort_file, frontend_file=None if in_graph else FRONTEND_ARRAYS_NAME,
         metrics={
             "split": report.split, "clips": report.clips,
             "accuracy": report.accuracy[deployed], "reference_accuracy": report.accuracy["torch"],

@@ -18,9 +18,8 @@ from asc.config import DataConfig
 from asc.data.cache import FeatureCache, WaveformCache
 from asc.data.clips import Clip, ClipSet, device_vocabulary
 from asc.data.loader import ClipDataset
+from asc.data.source import read_dataset
 from asc.data.synthetic import SynthConfig, synthesize
-from asc.data.tau import read_tau
-from asc.errors import DatasetError
 from asc.features import FeatureConfig, LogMel
 
 
@@ -51,20 +50,15 @@ def dataset_root(config: DataConfig) -> Path:
 
 
 def open_clipset(config: DataConfig, *, progress: bool = True, create: bool = True) -> ClipSet:
-    """Read the dataset the config points at, creating the synthetic corpus when allowed."""
+    """Read the dataset the config points at (TAU folder, table or folder tree, see
+    :func:`asc.data.source.read_dataset`), creating the synthetic corpus when allowed."""
     if config.root is None and create:
         ensure_synthetic(config, progress=progress)
-    return read_tau(dataset_root(config), missing_audio=config.missing_audio)
+    return read_dataset(dataset_root(config), config)
 
 
 def split_clips(clipset: ClipSet, split: str) -> list[Clip]:
-    if split not in clipset.splits:
-        raise DatasetError(clipset.root or "dataset", f"has no split '{split}' (found: "
-                           f"{', '.join(clipset.splits)})", "set data.train_split / data.eval_split")
-    clips = clipset.splits[split]
-    if not clips:
-        raise DatasetError(clipset.root or "dataset", f"split '{split}' is empty", "check evaluation_setup/")
-    return clips
+    return clipset.split(split)
 
 
 def clip_samples(config: DataConfig, features: FeatureConfig, clips: list[Clip]) -> int:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from asc.config import RunConfig, load_config
-from asc.data.tau import read_tau
+from asc.config import RunConfig, load_config, override_data
+from asc.data.clips import Clip
 from asc.data.loader import ClipDataset, make_loader
 from asc.errors import AscError
 from asc.features import FeatureConfig
@@ -69,14 +69,33 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.
     return model.to(device).eval(), state
 
 
-def evaluate_run(run_dir: Path, *, data_root: Path | None = None, split: str | None = None,
-                 checkpoint: str = "last", skip_missing: bool = False, progress: bool = True) -> Metrics:
-    """Metrics of ``run_dir``'s model on ``split`` of ``data_root`` (default: the run's own data)."""
+@dataclass
+class Predictions:
+    """A model's logits for the clips of one split, in the order of ``clips``."""
+
+    clips: list[Clip]
+    logits: np.ndarray
+    targets: list[int]  #: label indices (-1: unlabelled)
+    labels: list[str]
+
+    def metrics(self) -> Metrics:
+        return compute_metrics(self.logits, self.targets, [c.device for c in self.clips], self.labels)
+
+
+def predict_run(run_dir: Path, *, data_root: Path | None = None, data_overrides: Sequence[str] = (),
+                split: str | None = None, checkpoint: str = "last", skip_missing: bool = False,
+                progress: bool = True) -> Predictions:
+    """Logits of ``run_dir``'s model for ``split`` of ``data_root`` (default: the run's own data).
+
+    The run's ``data.*`` settings apply to ``data_root`` too, changed by ``data_overrides``
+    (``data.label_column=category`` …), so another table or tree is read with options only.
+    """
     run_dir = Path(run_dir)
     config = load_config(RunConfig, run_dir / "config.yaml")
-    data = config.data if data_root is None else replace(config.data, root=str(data_root))
+    values: dict[str, object] = {} if data_root is None else {"root": str(data_root)}
     if skip_missing:
-        data = replace(data, missing_audio="skip")
+        values["missing_audio"] = "skip"
+    data = override_data(config.data, data_overrides, **values)
     model, state = load_run_model(run_dir, checkpoint)
     features = FeatureConfig.from_dict(state["features"])
     clipset = open_clipset(data, progress=progress, create=data_root is None)
@@ -93,27 +112,12 @@ def evaluate_run(run_dir: Path, *, data_root: Path | None = None, split: str | N
                            as_features=True, progress=progress)
     logits = predict_logits(dataset, model, frontend=None, device=torch.device("cpu"),
                             batch_size=config.train.eval_batch_size, progress=progress)
-    return compute_metrics(logits, dataset.targets, [c.device for c in dataset.clips], clipset.labels)
+    return Predictions(list(dataset.clips), logits, list(dataset.targets), list(clipset.labels))
 
 
-def evaluate_bundle(bundle_dir: Path, data_root: Path, *, split: str = "evaluate", skip_missing: bool = False,
-                    threads: int = 1, progress: bool = True) -> Metrics:
-    """Metrics of an exported bundle on ``split`` of a TAU-layout dataset, through the torch-free runtime.
-
-    Each clip is classified the way ``asc classify`` does it (resampling, windowing, mean
-    log-probability), so this measures what an app would get, not what torch computes.
-    """
-    from asc.runtime import Classifier
-
-    classifier = Classifier(bundle_dir, threads=threads)
-    clipset = read_tau(Path(data_root), missing_audio="skip" if skip_missing else "error")
-    unknown = sorted(set(clipset.labels) - set(classifier.labels))
-    if unknown:
-        raise AscError(f"{data_root}: labels {unknown} are unknown to the bundle (it knows {classifier.labels}); "
-                       "evaluate on data with the same classes")
-    clips = split_clips(clipset, split)
-    log_probs = np.stack([np.log(np.maximum(classifier.classify_file(clip.path).probabilities, 1e-12))
-                          for clip in tqdm(clips, desc="evaluate", leave=False, disable=not progress,
-                                           dynamic_ncols=True)])
-    targets = np.array([classifier.labels.index(clip.label) for clip in clips])
-    return compute_metrics(log_probs, targets, [clip.device for clip in clips], classifier.labels)
+def evaluate_run(run_dir: Path, *, data_root: Path | None = None, data_overrides: Sequence[str] = (),
+                 split: str | None = None, checkpoint: str = "last", skip_missing: bool = False,
+                 progress: bool = True) -> Metrics:
+    """Metrics of ``run_dir``'s model on ``split`` of ``data_root`` (see :func:`predict_run`)."""
+    return predict_run(run_dir, data_root=data_root, data_overrides=data_overrides, split=split,
+                       checkpoint=checkpoint, skip_missing=skip_missing, progress=progress).metrics()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
@@ -33,8 +33,13 @@ from asc.io import atomic_write_json, atomic_write_text
 FORMAT = "asc-synthetic-scenes"
 FORMAT_VERSION = 2  # bump whenever the same config would render different audio
 MANIFEST = "synth.json"
+TABLE = "clips.csv"  #: the plain-table layout's one table
 _MARGIN_SECONDS = 0.25  # rendered on both sides of a clip: room for device offsets and filter tails
-_OWNED = ("audio", "evaluation_setup", "meta.csv", MANIFEST)
+_OWNED = ("audio", "evaluation_setup", "meta.csv", TABLE, MANIFEST)
+_TRAIN_FOLDS = 4  # the table layout deals training segments into folds 1-4; evaluation is fold 5
+
+Layout = Literal["tau", "table"]
+LAYOUTS: tuple[str, ...] = ("tau", "table")
 
 Counts = dict[str, dict[str, int]]
 
@@ -67,22 +72,33 @@ class _Row:
     split: str
 
 
-def synthesize(out: str | Path, config: SynthConfig, *, progress: bool = True) -> SynthSummary:
-    """Write (or reuse) the corpus for ``config`` in ``out``."""
+def synthesize(out: str | Path, config: SynthConfig, *, progress: bool = True,
+               layout: Layout = "tau") -> SynthSummary:
+    """Write (or reuse) the corpus for ``config`` in ``out``.
+
+    ``layout="table"`` writes one plain ``clips.csv`` (``filename,scene_label,device,fold``; folds
+    1-4 hold the training segments, fold 5 the evaluation split) instead of the TAU tables, the
+    shape of a user's own collection (docs/datasets.md).
+    """
+    if layout not in LAYOUTS:
+        raise DatasetError(out, f"unknown layout {layout!r}", f"choose one of {', '.join(LAYOUTS)}")
     out = Path(out)
     previous = _previous_manifest(out)
     if previous is not None:
-        if _is_complete_copy(out, previous, config):
+        if _is_complete_copy(out, previous, config, layout):
             return SynthSummary(out, previous["counts"], generated=False)
         _remove_corpus(out)
     devices = make_devices(config.seed, config.sample_rate, config.ir_dir, config.ir_devices)
     plans = plan_segments(config)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / MANIFEST, _manifest(config, devices, counts=None))  # marks the folder ours
+    atomic_write_json(out / MANIFEST, _manifest(config, devices, None, layout))  # marks the folder ours
     rows = _render_all(out, config, plans, devices, progress)
-    _write_tables(out, rows)
+    if layout == "table":
+        _write_plain_table(out, rows)
+    else:
+        _write_tables(out, rows)
     counts = _counts(rows)
-    atomic_write_json(out / MANIFEST, _manifest(config, devices, counts))
+    atomic_write_json(out / MANIFEST, _manifest(config, devices, counts, layout))
     return SynthSummary(out, counts, generated=True)
 
 
@@ -106,15 +122,18 @@ def _previous_manifest(out: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _is_complete_copy(out: Path, manifest: dict[str, Any], config: SynthConfig) -> bool:
+def _is_complete_copy(out: Path, manifest: dict[str, Any], config: SynthConfig, layout: Layout) -> bool:
     stored = dict(manifest.get("config") or {})
     stored.pop("workers", None)
     wanted = json.loads(json.dumps(config.content_dict()))
     counts = manifest.get("counts")
     if manifest.get("format_version") != FORMAT_VERSION or stored != wanted or not counts:
         return False
+    if manifest.get("layout", "tau") != layout:
+        return False
     setup = out / "evaluation_setup"
-    tables = [out / "meta.csv", *(setup / f"fold1_{s}.csv" for s in ("train", "evaluate", "test"))]
+    tables = ([out / TABLE] if layout == "table" else
+              [out / "meta.csv", *(setup / f"fold1_{s}.csv" for s in ("train", "evaluate", "test"))])
     expected = sum(sum(devices.values()) for devices in counts.values())
     return all(t.is_file() for t in tables) and sum(1 for _ in (out / "audio").glob("*.wav")) == expected
 
@@ -128,10 +147,12 @@ def _remove_corpus(out: Path) -> None:
             path.unlink()
 
 
-def _manifest(config: SynthConfig, devices: dict[str, Device], counts: Counts | None) -> dict[str, Any]:
+def _manifest(config: SynthConfig, devices: dict[str, Device], counts: Counts | None,
+              layout: Layout) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "layout": layout,
         "asc_version": __version__,
         "complete": counts is not None,
         "config": config.to_dict(),
@@ -206,6 +227,21 @@ def _write_tables(out: Path, rows: list[_Row]) -> None:
         "filename\tscene_label", [f"{r.filename}\t{r.scene}" for r in evaluate]
     ))
     atomic_write_text(setup / "fold1_test.csv", table("filename", [r.filename for r in evaluate]))
+
+
+def _write_plain_table(out: Path, rows: list[_Row]) -> None:
+    """``clips.csv``: comma-separated, device in a column, folds by segment (a segment's recordings
+    by every device share a fold, so no fold trains on a clip another fold tests)."""
+    rows = sorted(rows, key=lambda r: r.filename)
+    segments = sorted({_segment(r) for r in rows if r.split == TRAIN})
+    fold = {segment: index % _TRAIN_FOLDS + 1 for index, segment in enumerate(segments)}
+    lines = [f"{r.filename},{r.scene},{r.device},{fold[_segment(r)] if r.split == TRAIN else _TRAIN_FOLDS + 1}"
+             for r in rows]
+    atomic_write_text(out / TABLE, "\n".join(["filename,scene_label,device,fold", *lines]) + "\n")
+
+
+def _segment(row: _Row) -> str:
+    return Path(row.filename).stem.rsplit("-", 1)[0]
 
 
 def _counts(rows: list[_Row]) -> Counts:
