@@ -286,8 +286,11 @@ def test_parity_gate_refuses_a_bad_int8_model_and_force_writes_it(trained, fp32_
                               "min_agreement": 0.6, "forced": True, "passed": False}
     assert manifest.metrics["top1_agreement"] < 0.6 and manifest.metrics["forced"]
     assert BundleManifest.read(bundle) == manifest and manifest.ort_file is None
-    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "model.onnx", "parity.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "frontend.npz", "model.onnx", "parity.json"]
     assert manifest.input_shape == ["batch", 1, 32, 63] and manifest.input_name == "log_mel"
+    assert manifest.frontend_file == "frontend.npz"
+    operands = manifest.source["int8_operands"]  # the weight range that keeps AVX2 kernels exact
+    assert operands["weight_bits"] == 7 and operands["int16_safe"]
     assert not leftovers(bundle)
 
 

@@ -12,7 +12,17 @@ import pytest
 import torch
 
 from asc.errors import ConfigError
-from asc.export.onnx import nodes_inside, ort_session, save_onnx, torch_to_onnx
+from asc.export.onnx import (
+    INT16_PAIR_LIMIT,
+    Int8Options,
+    int8_operands,
+    int8_pair_peak,
+    nodes_inside,
+    ort_session,
+    run_onnx,
+    save_onnx,
+    torch_to_onnx,
+)
 from asc.export.precision import (
     DEFAULT_FLOAT_GROUPS,
     GROUPS,
@@ -157,6 +167,36 @@ def test_plan_keeps_its_groups_float(exported: Path, tmp_path: Path) -> None:
     assert np.abs(_run(default, x) - reference).max() < 0.25 * np.abs(reference).max()
 
 
+def test_int8_files_compute_the_same_on_every_x86_cpu(exported: Path, tmp_path: Path) -> None:
+    """The verdict must not depend on the CPU running it (VNNI Xeon here, AVX2-only EPYC elsewhere).
+
+    Checked two CPU-independent ways: the weights leave every u8*s8 pair sum inside int16, which
+    is what non-VNNI kernels saturate (docs/export-latency.md §10); and onnxruntime's integer
+    kernels compute what the Q/DQ graph means, i.e. the same graph run with float ops. With
+    8-bit weights, emulated AVX2 missed that reference by 0.47 of the logit scale, AMX by 0.0007.
+    """
+    calibration = [_inputs(4, seed=s) for s in range(2)]
+    path = quantize_planned(exported, tmp_path / "int8.onnx", calibration)
+    model = onnx.load(str(path))
+    assert int8_pair_peak(model) == 255 * 128 <= INT16_PAIR_LIMIT  # weights in [-64, 64], the 64 reached
+    assert int8_operands(path) == {"format": "QDQ", "activations": "uint8 per-tensor",
+                                   "weights": "int8 per-channel symmetric", "weight_range": [-64, 64],
+                                   "weight_bits": 7, "int16_pair_peak": 32640, "int16_safe": True}
+    x = _inputs(64, seed=11)
+    integer, meaning = run_onnx(path, x), run_onnx(path, x, fused=False)
+    scale = float(np.abs(meaning).max())
+    assert scale > 0.5 and np.abs(integer - meaning).max() < 0.01 * scale  # measured 0 on AMX and emulated AVX2
+    assert (integer.argmax(1) == meaning.argmax(1)).all()
+
+    eight = quantize_planned(exported, tmp_path / "int8_w8.onnx", calibration, PrecisionPlan(weight_bits=8))
+    record = int8_operands(eight)
+    assert record is not None and record["weight_range"] == [-127, 127] and record["weight_bits"] == 8
+    assert record["int16_pair_peak"] == int8_pair_peak(onnx.load(str(eight))) == 255 * 254 > INT16_PAIR_LIMIT
+    assert not record["int16_safe"]
+    with pytest.raises(ConfigError, match="weight_bits"):
+        Int8Options(weight_bits=6)  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
 def test_exporter_float_nodes_survive_the_rewrites(dynamo_exported: tuple[Path, list[str]], tmp_path: Path) -> None:
     path, norm_nodes = dynamo_exported
@@ -188,8 +228,11 @@ def test_band_concats_share_one_range(exported: Path, tmp_path: Path) -> None:
 
 
 def test_plan_validation_and_round_trip() -> None:
-    plan = PrecisionPlan(float_groups=("prefix", "depthwise"), calibration="minmax")
+    plan = PrecisionPlan(float_groups=("prefix", "depthwise"), calibration="minmax", weight_bits=8)
     assert PrecisionPlan.from_dict(plan.to_dict()) == plan
+    stored_before_weight_bits = {k: v for k, v in plan.to_dict().items() if k != "weight_bits"}
+    assert PrecisionPlan.from_dict(stored_before_weight_bits).weight_bits == 7 == PrecisionPlan().weight_bits
+    assert "8-bit weights" in plan.describe() and plan.int8_options().weight_bits == 8
     assert set(plan.toggled("depthwise").float_groups) == {"prefix"}
     assert set(PrecisionPlan().toggled("stem").float_groups) == {*DEFAULT_FLOAT_GROUPS, "stem"}
     assert set(GROUPS) >= set(DEFAULT_FLOAT_GROUPS)

@@ -40,6 +40,7 @@ from asc.export.onnx import (
     compose_frontend,
     convert_to_ort,
     export_frontend,
+    int8_operands,
     is_quantized_graph,
     nodes_inside,
     save_onnx,
@@ -276,7 +277,7 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision
         quantization = None if precision == "fp32" else "qat" if qat_graph else f"ptq-{int8.calibration}"
         manifest = _manifest(run, precision, in_graph, report, deployed,
                              ort_file=ort_files.model.name if ort_files else None, quantization=quantization,
-                             calibration_clips=built.calibration_clips)
+                             calibration_clips=built.calibration_clips, int8=int8_operands(files[deployed]))
         if not in_graph:
             FrontendArrays.compute(run.features).save(stage / FRONTEND_ARRAYS_NAME)
         (stage / PARITY_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -333,7 +334,8 @@ def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, in_graph: bo
 
 
 def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityReport, deployed: str, *,
-              ort_file: str | None, quantization: str | None, calibration_clips: int | None) -> BundleManifest:
+              ort_file: str | None, quantization: str | None, calibration_clips: int | None,
+              int8: dict[str, Any] | None) -> BundleManifest:
     features = run.features
     gated = report.comparison(deployed)
     input_shape: list[int | str] = (["batch", run.clip_samples] if in_graph else
@@ -355,7 +357,7 @@ def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityRep
         source={
             "run": str(run.run_dir.resolve()), "checkpoint": run.checkpoint, "epoch": run.state.get("epoch"),
             "model": run.state["model_spec"], "quantization": quantization,
-            "calibration_clips": calibration_clips,
+            "calibration_clips": calibration_clips, "int8_operands": int8,
         },
         asc_version=asc.__version__,
     )

@@ -8,6 +8,11 @@ What the choices rest on (measured on this CPU, reference/compression.md §3-§5
 * int8 is ``quant_pre_process`` + ``quantize_static`` in QDQ format with per-channel int8 weights
   and **uint8 activations** (U8S8). onnxruntime's default int8 activations (S8S8) left depthwise
   convs unfused into ``QLinearConv`` and ran 1.9-2.4x slower on x86.
+* The weights use **7 bits** ([-64, 64], onnxruntime's ``reduce_range``). x86 CPUs without VNNI
+  multiply U8S8 with ``vpmaddubsw``, which adds two u8*s8 products into a saturating int16: with
+  8-bit weights 255*127*2 overflows it, and the same file gave max |Δlogit| 0.42 on AVX2 EPYCs (CI, and emulated)
+  against 0.05 on an AVX-512 VNNI/AMX Xeon. 255*64*2 fits, so a 7-bit file computes the same logits,
+  bit for bit, on both CPU classes (docs/export-latency.md §10).
 * The frequency-wise norms stay float: their per-bin statistics divide by a spread, and
   quantizing their multiplies tripled the logit drift at no speed gain (§4.1).
 * The front end is exported on its own and joined to the (possibly int8) CNN with
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import re
 import shutil
@@ -29,7 +35,7 @@ from ast import literal_eval
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -57,6 +63,11 @@ FEATURE_INPUT = "log_mel"
 OUTPUT = "logits"
 
 _CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
+_OWN_METADATA = "asc."
+INT8_OPERANDS_KEY = "asc.int8_operands"
+"""Model metadata key of :func:`int8_operands`' record (JSON), readable by any onnxruntime app."""
+INT16_PAIR_LIMIT = 32767
+"""What ``vpmaddubsw`` (U8S8 on x86 without VNNI) can hold: two u8*s8 products added in int16."""
 
 
 @contextlib.contextmanager
@@ -134,13 +145,17 @@ def strip_onnx(model: onnx.ModelProto) -> None:
 
     All are redundant for inference (ORT infers shapes) and were over a third of the file. Opset
     imports are also de-duplicated (``onnx.compose`` lists a shared domain once per input model).
+    Model metadata of asc's own (``asc.*``, e.g. :data:`INT8_OPERANDS_KEY`) is kept.
     """
     graph = model.graph
     for items in (graph.node, graph.input, graph.output, graph.initializer):
         for item in items:
             del item.metadata_props[:]
     del graph.value_info[:]
+    own = [(p.key, p.value) for p in model.metadata_props if p.key.startswith(_OWN_METADATA)]
     del model.metadata_props[:]
+    for key, value in own:
+        model.metadata_props.add(key=key, value=value)
     used = {node.domain for node in graph.node} | {""}
     versions: dict[str, int] = {}
     for opset in model.opset_import:
@@ -168,12 +183,14 @@ def export_onnx(module: nn.Module, example_input: Tensor, path: str | Path, *, i
                 output_name: str = OUTPUT, opset: int = OPSET) -> Path:
     """Write ``module`` as one checked ONNX file with a dynamic batch dimension.
 
-    For a converted PT2E graph that is an int8 QDQ model; any plain float module exports the same
-    way. The file must also run in onnxruntime on ``example_input`` with finite logits of the
-    torch output's shape.
+    For a converted PT2E graph that is an int8 QDQ model (its operands recorded, see
+    :func:`record_int8_operands`); any plain float module exports the same way. The file must
+    also run in onnxruntime on ``example_input`` with finite logits of the torch output's shape.
     """
-    path = save_onnx(torch_to_onnx(module, example_input, input_name=input_name, output_name=output_name,
-                                   opset=opset), path)
+    model = torch_to_onnx(module, example_input, input_name=input_name, output_name=output_name, opset=opset)
+    if int8_weights(model):  # a QAT graph: its trained weight range decides whether non-VNNI x86 saturates
+        record_int8_operands(model)
+    path = save_onnx(model, path)
     with torch.no_grad():
         expected = module(example_input)
     logits = run_onnx(path, example_input)
@@ -230,6 +247,8 @@ def run_onnx(path: str | Path, x: Tensor | np.ndarray, *, fused: bool = True) ->
 
 FloatNodes = Collection[str] | Callable[[onnx.ModelProto], Collection[str]]
 """Node names to keep float, or a function that picks them from the pre-processed graph."""
+WeightBits = Literal[7, 8]
+WEIGHT_BITS: tuple[int, ...] = (7, 8)
 
 
 @dataclass(frozen=True)
@@ -246,17 +265,25 @@ class Int8Options:
     are quantized anyway, onnxruntime quantizes its weight at load time (the
     ``WeightBiasQuantization`` optimizer) and runs it as ``QLinearConv``. Keep its neighbours'
     tensors float too, or check :func:`~asc.export.verify.fusion_census`.
+
+    ``weight_bits=7`` (the default) is what makes the file compute the same on every x86 CPU:
+    8-bit weights saturate the int16 pair sums of the non-VNNI U8S8 kernels (module docstring).
+    8 bits is one bit finer and only correct on VNNI/AMX CPUs and ARM; keep it for comparisons.
     """
 
     calibration: Literal["minmax", "percentile"] = "minmax"
     percentile: float = 99.999
     keep_float: FloatNodes = ()
+    weight_bits: WeightBits = 7
 
     def __post_init__(self) -> None:
         if self.calibration not in ("minmax", "percentile"):
             raise ConfigError(f"int8 calibration must be 'minmax' or 'percentile', got {self.calibration!r}")
         if not 0.0 < self.percentile <= 100.0:
             raise ConfigError(f"int8 percentile must be in (0, 100], got {self.percentile!r}")
+        if self.weight_bits not in WEIGHT_BITS:
+            raise ConfigError(f"int8 weight_bits must be 7 (correct on every x86 CPU) or 8 (VNNI/ARM only), "
+                              f"got {self.weight_bits!r}")
 
 
 class _Batches(CalibrationDataReader):
@@ -297,7 +324,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: Iter
             with _quiet("root"), contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(
                     str(prepared), str(out_path), _Batches(input_name, calibration),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=options.weight_bits == 7,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=(CalibrationMethod.Percentile if options.calibration == "percentile"
                                       else CalibrationMethod.MinMax),
@@ -305,7 +332,62 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: Iter
         except ValueError as error:  # "No data is collected." for an empty calibration set
             raise AscError(f"{fp32_path}: int8 calibration failed ({error}); give at least one calibration clip") \
                 from None
-    return save_onnx(onnx.load(str(out_path)), out_path)
+    quantized = onnx.load(str(out_path))
+    record_int8_operands(quantized)
+    return save_onnx(quantized, out_path)
+
+
+def int8_pair_peak(model: onnx.ModelProto) -> int:
+    """The largest |u8 * s8 + u8 * s8| the model's int8 weights allow (0 without int8 weights).
+
+    255 times the two largest |weight|s of a tensor, whichever two weights a kernel pairs. Above
+    :data:`INT16_PAIR_LIMIT`, x86 CPUs without VNNI saturate and compute other logits than VNNI
+    ones; it is computed from the file, so the verdict is the same on any CPU that checks it.
+    """
+    peak = 0
+    for weight in int8_weights(model).values():
+        magnitudes = np.sort(np.abs(weight.astype(np.int32)).ravel())
+        peak = max(peak, 255 * int(magnitudes[-2:].sum()))
+    return peak
+
+
+def int8_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The signed int8 initializers that a ``DequantizeLinear`` turns into conv/gemm weights, by name."""
+    constants = {init.name: init for init in model.graph.initializer}
+    out: dict[str, np.ndarray] = {}
+    for node in model.graph.node:
+        init = constants.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if init is not None and init.data_type == onnx.TensorProto.INT8 and len(init.dims) >= 2:
+            out[init.name] = onnx.numpy_helper.to_array(init)
+    return out
+
+
+def record_int8_operands(model: onnx.ModelProto) -> dict[str, Any]:
+    """Write what the int8 operands are into the model's metadata (in place) and return it.
+
+    Measured from the weights themselves, so the record cannot claim a range the file does not
+    have; an app or :mod:`benchmarks.int8_cpu_classes` reads it with onnxruntime's model metadata.
+    """
+    weights = int8_weights(model)
+    peak = max((int(np.abs(w.astype(np.int32)).max()) for w in weights.values()), default=0)
+    pair_peak = int8_pair_peak(model)
+    record: dict[str, Any] = {
+        "format": "QDQ", "activations": "uint8 per-tensor", "weights": "int8 per-channel symmetric",
+        "weight_range": [-peak, peak], "weight_bits": 7 if peak <= 64 else 8,
+        "int16_pair_peak": pair_peak, "int16_safe": pair_peak <= INT16_PAIR_LIMIT,
+    }
+    own = [p for p in model.metadata_props if p.key != INT8_OPERANDS_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(own)
+    model.metadata_props.add(key=INT8_OPERANDS_KEY, value=json.dumps(record))
+    return record
+
+
+def int8_operands(path: str | Path) -> dict[str, Any] | None:
+    """The :func:`record_int8_operands` record of an ONNX file, or None (fp32 or an older export)."""
+    value = next((p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+                  if p.key == INT8_OPERANDS_KEY), None)
+    return None if value is None else json.loads(value)
 
 
 # ---------------------------------------------------------------------------------------------

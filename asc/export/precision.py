@@ -44,7 +44,13 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from asc.bench import interleaved
 from asc.errors import AscError, ConfigError
-from asc.export.onnx import Int8Options, ort_session, quantize_int8, save_onnx
+from asc.export.onnx import (
+    Int8Options,
+    WeightBits,
+    ort_session,
+    quantize_int8,
+    save_onnx,
+)
 from asc.export.verify import Agreement, compare_logits
 
 REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "freq_mean_conv", "norm_affine_on_input")
@@ -540,13 +546,15 @@ class PrecisionPlan:
     rewrites, the input front and the norms float. Calibration defaults to MinMax because it
     streams; percentile calibration gained 0.6-1 point of agreement on trained models but holds
     every calibrated activation of every clip in memory (~150 MB per 10-s clip at c=40), so use it
-    with a few dozen clips only.
+    with a few dozen clips only. Weights default to 7 bits, the range that computes the same
+    logits on x86 CPUs with and without VNNI (:class:`~asc.export.onnx.Int8Options`).
     """
 
     rewrites: tuple[str, ...] = REWRITES
     float_groups: tuple[str, ...] = DEFAULT_FLOAT_GROUPS
     calibration: Literal["minmax", "percentile"] = "minmax"
     percentile: float = 99.999
+    weight_bits: WeightBits = 7
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.rewrites) - set(REWRITES))
@@ -555,7 +563,7 @@ class PrecisionPlan:
         unknown = sorted(set(self.float_groups) - set(GROUPS))
         if unknown:
             raise ConfigError(f"unknown precision groups {unknown}; valid: {', '.join(GROUPS)}")
-        Int8Options(calibration=self.calibration, percentile=self.percentile)  # validates both
+        Int8Options(calibration=self.calibration, percentile=self.percentile, weight_bits=self.weight_bits)
 
     def keep_float(self, model: onnx.ModelProto) -> list[str]:
         """Names of the nodes of ``model`` (the graph after ``quant_pre_process``) that stay float."""
@@ -563,7 +571,8 @@ class PrecisionPlan:
         return sorted(name for group in self.float_groups for name in groups[group])
 
     def int8_options(self) -> Int8Options:
-        return Int8Options(calibration=self.calibration, percentile=self.percentile, keep_float=self.keep_float)
+        return Int8Options(calibration=self.calibration, percentile=self.percentile, keep_float=self.keep_float,
+                           weight_bits=self.weight_bits)
 
     def toggled(self, group: str) -> PrecisionPlan:
         """This plan with ``group`` moved between float and int8."""
@@ -573,15 +582,18 @@ class PrecisionPlan:
     def describe(self) -> str:
         rewrites = "+".join(self.rewrites) if self.rewrites else "no rewrites"
         floats = ",".join(self.float_groups) if self.float_groups else "nothing"
-        return f"{rewrites}; float: {floats}; {self.calibration}"
+        return f"{rewrites}; float: {floats}; {self.calibration}; {self.weight_bits}-bit weights"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrecisionPlan:
+        """A stored plan; one stored before ``weight_bits`` existed gets 7 bits, the only range that
+        is correct on every x86 CPU (its 8-bit files saturated on CPUs without VNNI)."""
         return cls(rewrites=tuple(data["rewrites"]), float_groups=tuple(data["float_groups"]),
-                   calibration=data["calibration"], percentile=float(data["percentile"]))
+                   calibration=data["calibration"], percentile=float(data["percentile"]),
+                   weight_bits=int(data.get("weight_bits", 7)))  # type: ignore[arg-type]
 
 
 NAIVE_PLAN = PrecisionPlan(rewrites=(), float_groups=(), calibration="minmax")
