@@ -49,7 +49,14 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 
 def cache_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    """The arrays and manifests in a cache folder (not the digest index)."""
+    if not folder.exists():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name != cache_module.INDEX_NAME)
+
+
+def arrays(folder: Path) -> list[str]:
+    return [name for name in cache_files(folder) if name.endswith(".npy")]
 
 
 def test_build_matches_direct_decoding(clips: list[Clip], tmp_path: Path) -> None:
@@ -82,16 +89,72 @@ def test_source_change_rebuilds(clips: list[Clip], tmp_path: Path, decodes: list
     cache = WaveformCache.open(clips, RATE, 2000, tmp_path / "cache", progress=False)
     sf.write(clips[1].path, np.full(4000, 0.5, np.float32), 16000, subtype="FLOAT")
     rebuilt = WaveformCache.open(clips, RATE, 2000, tmp_path / "cache", progress=False)
-    assert len(decodes) == 8 and rebuilt.path == cache.path
+    assert len(decodes) == 8 and rebuilt.path != cache.path  # named by content
     np.testing.assert_allclose(
         rebuilt[1][100:1900], 0.5, atol=1e-3
     )  # past the resampler's onset ringing
-    assert len(cache_files(tmp_path / "cache")) == 2
-    # Touching a file (same bytes, new mtime) also invalidates: the cache cannot tell.
+    # the array of the old content is gone: no other list of files resolved to it
+    assert cache_files(tmp_path / "cache") == [rebuilt.path.with_suffix(".json").name, rebuilt.path.name]
+
+
+def test_touching_a_file_rehashes_but_does_not_decode(
+    clips: list[Clip], tmp_path: Path, decodes: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[Path] = []
+    real = cache_module.file_digest
+    monkeypatch.setattr(cache_module, "file_digest", lambda path: hashed.append(Path(path)) or real(path))
+    first = WaveformCache.open(clips, RATE, 2000, tmp_path / "cache", progress=False)
+    assert len(hashed) == 4 and len(decodes) == 4
+    WaveformCache.open(clips, RATE, 2000, tmp_path / "cache", progress=False)
+    assert len(hashed) == 4  # unchanged (path, size, mtime): the memoised digests are used
     stat = clips[0].path.stat()
     os.utime(clips[0].path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = WaveformCache.open(clips, RATE, 2000, tmp_path / "cache", progress=False)
+    assert hashed[4:] == [clips[0].path] and len(decodes) == 4 and again.path == first.path
+
+
+def test_same_corpus_at_two_paths_is_stored_once(
+    clips: list[Clip], tmp_path: Path, decodes: list[Path]
+) -> None:
+    """A copied corpus (new paths, new mtimes, same bytes) reuses the first copy's arrays."""
+    copies = []
+    for clip in clips:
+        target = tmp_path / "copy" / clip.path.name
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(clip.path.read_bytes())
+        stat = target.stat()
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))
+        copies.append(Clip(path=target, label="x"))
+    assert copies[0].path.stat().st_mtime_ns != clips[0].path.stat().st_mtime_ns
+    calls: list[int] = []
+    waves = WaveformCache.open(clips, RATE, 2000, tmp_path / "cache", progress=False)
+    FeatureCache.open(waves, frame_energy(calls), {"frames": 10}, tmp_path / "cache", progress=False)
+    copied = WaveformCache.open(copies, RATE, 2000, tmp_path / "cache", progress=False)
+    features = FeatureCache.open(copied, frame_energy(calls), {"frames": 10}, tmp_path / "cache", progress=False)
+    assert len(decodes) == 4 and calls == [1, 4]  # neither decoded nor featurised again
+    assert copied.path == waves.path and len(arrays(tmp_path / "cache")) == 2  # one waveform, one feature array
+    np.testing.assert_array_equal(features[3], frame_energy([])(np.asarray(waves[3:4]))[0])
+    # Editing one copy gives it its own array; the other copy's array stays, still valid.
+    sf.write(copies[2].path, np.full(4000, 0.5, np.float32), 16000, subtype="FLOAT")
+    edited = WaveformCache.open(copies, RATE, 2000, tmp_path / "cache", progress=False)
+    assert len(decodes) == 8 and edited.path != waves.path
     WaveformCache.open(clips, RATE, 2000, tmp_path / "cache", progress=False)
-    assert len(decodes) == 12
+    assert len(decodes) == 8 and len(arrays(tmp_path / "cache")) == 3
+    assert edited[2][1000] == pytest.approx(0.5, abs=1e-3) and abs(waves[2][1000] - 0.5) > 0.1
+
+
+def test_old_format_arrays_are_dropped_on_rebuild(clips: list[Clip], tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    np.save(cache_dir / "waveforms-8000hz-2000-0123456789abcdef.npy", np.zeros((4, 2000), np.float32))
+    (cache_dir / "waveforms-8000hz-2000-0123456789abcdef.json").write_text(
+        '{"key": {"kind": "waveforms", "version": 1}, "shape": [4, 2000], "dtype": "float32"}')
+    (cache_dir / "notes.txt").write_text("not asc's")
+    assert cache_module.cache_usage(cache_dir).by_kind()["stale"][0] == 1
+    cache = WaveformCache.open(clips, RATE, 2000, cache_dir, progress=False)
+    assert arrays(cache_dir) == [cache.path.name]
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted(
+        [cache.path.name, cache.path.with_suffix(".json").name, "index.json", "notes.txt"])
 
 
 def test_rate_and_length_get_their_own_caches(
@@ -209,3 +272,68 @@ def test_front_end_with_inconsistent_shapes_leaves_no_cache(
             waves, ragged, {"name": "ragged"}, tmp_path / "features", batch_size=2, progress=False
         )
     assert cache_files(tmp_path / "features") == []
+
+
+def test_asc_cache_shows_location_and_size(
+    clips: list[Clip], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asc.cli import main
+
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("ASC_CACHE", str(cache_dir))
+    assert cache_module.default_cache_dir() == cache_dir
+    waves = WaveformCache.open(clips, RATE, 2000, cache_dir, progress=False)
+    FeatureCache.open(waves, frame_energy([]), {"frames": 10}, cache_dir, progress=False)
+    (cache_dir / "synthetic" / "quick-seed0").mkdir(parents=True)
+    (cache_dir / "synthetic" / "quick-seed0" / "meta.csv").write_text("x" * 1000)
+    total = sum(p.stat().st_size for p in cache_dir.rglob("*") if p.is_file())
+    assert main(["cache"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"cache: {cache_dir} ($ASC_CACHE)"
+    assert lines[1].endswith(f"({total} bytes) in 2 arrays")
+    kinds = {line.split()[0]: int(line.split()[1]) for line in lines[2:]}
+    assert kinds == {"waveforms": 1, "features": 1, "synthetic": 1, "index": 1}
+    wave_bytes = waves.path.stat().st_size + waves.path.with_suffix(".json").stat().st_size
+    assert cache_module.cache_usage(cache_dir).by_kind()["waveforms"] == (1, wave_bytes)
+    assert wave_bytes > 4 * 2000 * 4  # the float32 rows plus headers and manifest
+    monkeypatch.delenv("ASC_CACHE")
+    assert main(["cache", "--dir", str(tmp_path / "nowhere")]) == 0
+    assert "0 arrays (the folder does not exist yet)" in capsys.readouterr().out
+
+
+def test_asc_cache_clear_empties_it_and_says_how_much(
+    clips: list[Clip], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asc.cli import main
+
+    cache_dir = tmp_path / "cache"
+    WaveformCache.open(clips, RATE, 2000, cache_dir, progress=False)
+    (cache_dir / ".features-x.npy.abc.tmp").write_bytes(b"\0" * 100)  # a killed write
+    (cache_dir / "mine.txt").write_text("not asc's")
+    total = sum(p.stat().st_size for p in cache_dir.iterdir()) - len("not asc's")
+    assert main(["cache", "clear", "--dir", str(cache_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"cleared {cache_dir}: freed {cache_module.format_bytes(total)} ({total} bytes) in 3 entries, 1 of them arrays"
+    assert out[1] == "kept 1 entries asc did not write: mine.txt"
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["mine.txt"]
+    assert main(["cache", "clear", "--dir", str(cache_dir)]) == 0
+    assert "freed 0 B (0 bytes) in 0 entries" in capsys.readouterr().out
+
+
+def test_asc_cache_errors_and_help_without_torch(tmp_path: Path, without_torch, capsys) -> None:
+    from asc.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["cache", "--dir", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == (f"asc: error: {tmp_path / 'file'}: the cache location is not a "
+                                               "folder; set $ASC_CACHE or data.cache_dir to a folder")
+    code = "import sys; from asc.cli import main; sys.exit(main(sys.argv[1:]))"
+    shown = without_torch(code, "cache", "--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: asc cache"), shown.stderr
+    shown = without_torch(code, "cache", "--dir", tmp_path / "c")
+    assert shown.returncode == 0 and "total: 0 B (0 bytes) in 0 arrays" in shown.stdout, shown.stderr
+
+
+def test_format_bytes() -> None:
+    assert [cache_module.format_bytes(n) for n in (0, 999, 1000, 1_234_567, 5 * 10**9, 2 * 10**12)] == [
+        "0 B", "999 B", "1.0 kB", "1.2 MB", "5.0 GB", "2.0 TB"]

@@ -18,7 +18,7 @@ from types import ModuleType
 from asc import __version__
 from asc.cli.common import EXIT_USAGE, Parser
 from asc.errors import AscError
-
+from asc.threads import prefer_sleeping_openmp_waits
 
 
 def command_modules() -> list[ModuleType]:
@@ -37,6 +37,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    prefer_sleeping_openmp_waits()  # before a handler imports torch
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow options (argparse only takes them before the first option)

@@ -7,7 +7,6 @@ every command.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 
 from asc.audio import probe_audio
 from asc.config import DataConfig
-from asc.data.cache import FeatureCache, WaveformCache
+from asc.data.cache import FeatureCache, WaveformCache, default_cache_dir
 from asc.data.clips import Clip, ClipSet, device_vocabulary
 from asc.data.loader import ClipDataset
 from asc.data.source import read_dataset
@@ -24,9 +23,7 @@ from asc.features import FeatureConfig, LogMel
 
 
 def cache_root(config: DataConfig) -> Path:
-    if config.cache_dir:
-        return Path(config.cache_dir).expanduser()
-    return Path(os.environ.get("ASC_CACHE", Path.home() / ".cache" / "asc")).expanduser()
+    return Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
 
 
 def synthetic_root(config: DataConfig) -> Path:

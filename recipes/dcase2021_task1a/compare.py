@@ -31,7 +31,8 @@ UNSEEN_DEVICES = ("s4", "s5", "s6")
 
 def studies(ir_dir: str | None) -> dict[str, dict[str, list[str]]]:
     no_augment = ["augment.translation=none", "augment.mixup_alpha=0", "augment.freq_masks=0", "augment.time_masks=0"]
-    dir_on = ["augment.dir_p=0.6", f"augment.ir_dir={ir_dir}"] if ir_dir else None
+    # DIR as published: impulse responses applied to device a's clips, the device the others mimic
+    dir_on = ["augment.dir_p=0.6", f"augment.ir_dir={ir_dir}", "augment.source_device=a"] if ir_dir else None
     augment = {
         "none": no_augment,
         "translation": [*no_augment, "augment.translation=response"],

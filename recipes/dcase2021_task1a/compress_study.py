@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+import run as _recipe  # noqa: F401 -- first: importing run.py prefers sleeping OpenMP waits before torch loads
+
 from asc.complexity import run_complexity
 from asc.compress.stage import compress_run
 from asc.errors import AscError
