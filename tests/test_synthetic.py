@@ -293,7 +293,8 @@ def test_empty_impulse_response_folder_is_refused(tmp_path: Path) -> None:
 
 
 def test_presets_and_validation() -> None:
-    assert set(PRESETS) == {"tiny", "quick", "standard"}
+    assert set(PRESETS) == {"tiny", "quick", "standard", "tau2022-tiny", "tau2022-quick", "tau2022"}
+    assert SynthConfig.preset("tau2022").segment_seconds == 1.0 and SynthConfig.preset("standard").segment_seconds is None
     standard = SynthConfig.preset("standard")
     assert standard.sample_rate == 44100
     assert len(TAU_SCENES) * (standard.train_segments_per_scene + 5 * standard.paired_per_scene) == 2000

@@ -18,8 +18,11 @@ def _synth(args: argparse.Namespace) -> int:
         overrides["seed"] = args.seed
     if args.ir_dir is not None:
         overrides["ir_dir"] = str(args.ir_dir)
+    if args.format == "tau2022":  # TAU 2022 Mobile is the TAU layout with recordings cut into 1-s files
+        overrides.setdefault("segment_seconds", 1.0)
     config = SynthConfig.preset(args.preset, **overrides)
-    summary = synthesize(args.out, config, progress=not args.quiet, layout=args.format)
+    summary = synthesize(args.out, config, progress=not args.quiet,
+                         layout="table" if args.format == "table" else "tau")
     print(summary)
     return 0
 
@@ -56,13 +59,15 @@ def register(sub: Subparsers) -> None:
         "into OUT. Re-running with the same settings reuses the existing corpus.")
     synth.add_argument("out", type=Path, help="output folder (created; must be empty or a previous corpus)")
     synth.add_argument("--preset", default="quick",
-                       help="size preset: tiny (tests), quick (smoke runs) or standard (~2,000 training clips)")
+                       help="size preset: tiny (tests), quick (smoke runs) or standard (~2,000 training clips); "
+                       "tau2022-tiny, tau2022-quick and tau2022 are the same cut into 1-s files (TAU 2022 layout)")
     synth.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
     synth.add_argument("--ir-dir", type=Path, default=None,
                        help="folder of microphone impulse responses used for some devices")
-    synth.add_argument("--format", choices=("tau", "table"), default="tau",
-                       help="tau: meta.csv + evaluation_setup/ (TAU 2020 Mobile); table: one clips.csv "
-                       "(filename,scene_label,device,fold; fold 5 is the evaluation split)")
+    synth.add_argument("--format", "--layout", dest="format", choices=("tau", "tau2022", "table"), default="tau",
+                       help="tau: meta.csv + evaluation_setup/ (TAU 2020 Mobile); tau2022: the same with 1-s files "
+                       "(…-<segment>-<index>-<device>.wav) and the DCASE 2024 split_setup/split{5,10,25,50,100}.csv; "
+                       "table: one clips.csv (filename,scene_label,device,fold; fold 5 is the evaluation split)")
     synth.add_argument("overrides", nargs="*", metavar="key=value",
                        help="any SynthConfig field, e.g. clip_seconds=4 train_segments_per_scene=200")
 

@@ -2,12 +2,17 @@
 
 A TAU folder holds ``meta.csv`` (tab-separated ``filename scene_label identifier source_label``),
 ``evaluation_setup/fold1_{train,evaluate,test}.csv`` and ``audio/``; evaluation sets ship only the
-unlabelled ``evaluation_setup/{fold1_test,test}.csv``. Real downloads are often partial, so every
-check reports what is wrong and how to fix it instead of failing on the first missing file.
+unlabelled ``evaluation_setup/{fold1_test,test}.csv``. TAU 2022 Mobile names its 1-s files
+``scene-city-location-segment-index-device.wav``; the DCASE 2024 training subsets
+``split{5,10,25,50,100}.csv`` (in ``split_setup/`` or ``evaluation_setup/``) become splits of the
+same name, so ``data.train_split=split25`` trains on the 25 % subset. Real downloads are often
+partial, so every check reports what is wrong and how to fix it instead of failing on the first
+missing file.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -20,6 +25,8 @@ from asc.errors import DatasetError
 
 META_COLUMNS = ("filename", "scene_label", "identifier", "source_label")
 FOLD_COLUMNS = ("filename", "scene_label")
+SUBSET_FOLDERS = ("split_setup", "evaluation_setup")  #: where DCASE 2024 subset files are looked for
+_SUBSET_NAME = re.compile(r"split(\d+)\.csv")
 _SHOWN = 3  # file names quoted in a problem message
 
 
@@ -208,11 +215,42 @@ def _scan(root: Path, fold: int) -> tuple[_Layout | None, list[Problem]]:
             splits[split] = list(rows.values())
             if meta is not None:
                 _cross_check(path, rows, meta, problems)
+    for name, path in _subset_files(root).items():
+        rows = _load_table(path, FOLD_COLUMNS, FOLD_COLUMNS[:1], problems)
+        if rows is not None:
+            splits[name] = list(rows.values())
+            if meta is not None:
+                _cross_check(path, rows, meta, problems)
+            _check_subset(path, rows, splits, problems)
     if not fold_files and meta is not None:
         splits["all"] = list(meta.values())
     if meta is not None:
         _check_devices(meta_path, meta, problems)
     return _Layout(root=root, meta=meta, splits=splits), problems
+
+
+def _subset_files(root: Path) -> dict[str, Path]:
+    """``{"split5": path, …}`` in percentage order; split_setup/ wins over evaluation_setup/."""
+    found: dict[int, Path] = {}
+    for folder in reversed(SUBSET_FOLDERS):
+        if (root / folder).is_dir():
+            for path in (root / folder).iterdir():
+                if (match := _SUBSET_NAME.fullmatch(path.name)) and path.is_file():
+                    found[int(match[1])] = path
+    return {f"split{percent}": found[percent] for percent in sorted(found)}
+
+
+def _check_subset(path: Path, rows: dict[str, _Row], splits: dict[str, list[_Row]],
+                  problems: list[Problem]) -> None:
+    """A training subset must lie inside the training split: anything else trains on test clips."""
+    if "train" not in splits:
+        return
+    train = {row.filename for row in splits["train"]}
+    if outside := [name for name in rows if name not in train]:
+        first = ", ".join(outside[:_SHOWN])
+        message = f"{len(outside)} of {len(rows)} files are not in the training split (first: {first})"
+        fix = "use the subset files made for this dataset's fold1_train.csv (DCASE 2024 split_setup/)"
+        problems.append(_error(path, message, fix))
 
 
 def _missing_meta(root: Path, meta_path: Path, has_folds: bool) -> Problem:

@@ -1,4 +1,5 @@
-"""Synthetic multi-device acoustic scenes in the TAU Urban Acoustic Scenes 2020 Mobile layout.
+"""Synthetic multi-device acoustic scenes in the TAU Urban Acoustic Scenes 2020 Mobile layout (or,
+with ``segment_seconds``, the 2022 Mobile layout of 1-s files plus the DCASE 2024 training subsets).
 
 Ten scene classes built from overlapping mixtures of sources (noise beds, hums, babble, events,
 chirps, passing vehicles), each segment recorded in parallel by nine simulated devices (a, b, c,

@@ -11,7 +11,10 @@ from typing import Any
 from asc.data.synthetic.devices import ALL_DEVICES
 from asc.errors import ConfigError
 
-PRESETS: tuple[str, ...] = ("tiny", "quick", "standard")
+PRESETS: tuple[str, ...] = ("tiny", "quick", "standard", "tau2022-tiny", "tau2022-quick", "tau2022")
+
+#: Percentages of the training recordings in the DCASE 2024 data-efficiency subsets (split5.csv …).
+SUBSET_PERCENTS: tuple[int, ...] = (5, 10, 25, 50, 100)
 
 _PRESET_VALUES: dict[str, dict[str, Any]] = {
     # unit tests of other modules: a corpus in well under a second
@@ -24,6 +27,11 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
     "standard": dict(clip_seconds=4.0, train_segments_per_scene=130, paired_per_scene=14,
                      eval_segments_per_scene=20, segments_per_location=5),
 }
+# TAU 2022 Mobile style: the same recordings cut into 1-s segments, plus the 2024 subset files
+# (tau2022-tiny uses 2-s recordings so that every recording is cut into more than one file)
+_PRESET_VALUES.update({f"tau2022-{name}" if name != "standard" else "tau2022": {**values, "segment_seconds": 1.0}
+                       for name, values in list(_PRESET_VALUES.items())})
+_PRESET_VALUES["tau2022-tiny"]["clip_seconds"] = 2.0
 
 
 def _default_workers() -> int:
@@ -47,6 +55,8 @@ class SynthConfig:
     cities: int = 10
     ir_dir: Path | None = None  # measured microphone responses for ir_devices; None: parametric only
     ir_devices: tuple[str, ...] = ("s1", "s2", "s3", "s4", "s5", "s6")
+    #: None: one file per recording (TAU 2020); 1.0: each recording cut into 1-s files (TAU 2022)
+    segment_seconds: float | None = None
     workers: int = field(default_factory=_default_workers)
 
     def __post_init__(self) -> None:
@@ -77,7 +87,16 @@ class SynthConfig:
         """The fields that decide the corpus contents (all but ``workers``)."""
         data = self.to_dict()
         data.pop("workers")
+        if data["segment_seconds"] is None:  # corpora written before the field existed stay valid
+            data.pop("segment_seconds")
         return data
+
+    @property
+    def pieces(self) -> int:
+        """Files per recording: 1, or how many whole segments fit in a clip."""
+        if self.segment_seconds is None:
+            return 1
+        return int(self.clip_seconds / self.segment_seconds + 1e-9)
 
     def _validate(self) -> None:
         integers = ("seed", "sample_rate", "train_segments_per_scene", "paired_per_scene",
@@ -102,6 +121,12 @@ class SynthConfig:
                 f"synthetic option paired_per_scene={self.paired_per_scene} must not exceed "
                 f"train_segments_per_scene={self.train_segments_per_scene}"
             )
+        if self.segment_seconds is not None:
+            if not isinstance(self.segment_seconds, numbers.Real) or isinstance(self.segment_seconds, bool) \
+                    or not 0 < self.segment_seconds <= self.clip_seconds:
+                raise ConfigError(f"synthetic option segment_seconds={self.segment_seconds!r} must be a number in "
+                                  f"(0, clip_seconds={self.clip_seconds}], or null for uncut recordings")
+            self.segment_seconds = float(self.segment_seconds)
         bad = sorted(set(self.ir_devices) - set(ALL_DEVICES))
         if bad:
             raise ConfigError(f"synthetic option ir_devices names unknown device(s) {', '.join(bad)}")

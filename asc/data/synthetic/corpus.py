@@ -1,4 +1,4 @@
-"""Writing a synthetic corpus in the TAU Urban Acoustic Scenes 2020 Mobile development layout.
+"""Writing a synthetic corpus in the TAU Urban Acoustic Scenes 2020 or 2022 Mobile development layout.
 
 ``synthesize`` is idempotent: recipes call it unconditionally, and an existing corpus made from the
 same configuration is reused as it is. Each segment is rendered from its own random stream, so the
@@ -22,11 +22,12 @@ from tqdm import tqdm
 from asc import __version__
 from asc.audio import write_audio
 from asc.data.clips import TAU_SCENES
-from asc.data.synthetic.config import SynthConfig
+from asc.data.synthetic.config import SUBSET_PERCENTS, SynthConfig
 from asc.data.synthetic.devices import ALL_DEVICES, Device, make_devices, record
 from asc.data.synthetic.plan import EVALUATE, TRAIN, SegmentPlan, plan_segments
 from asc.data.synthetic.rng import Stream, stream_rng
 from asc.data.synthetic.scenes import render_scene
+from asc.data.synthetic.subsets import choose_subsets
 from asc.errors import DatasetError
 from asc.io import atomic_write_json, atomic_write_text
 
@@ -35,7 +36,8 @@ FORMAT_VERSION = 2  # bump whenever the same config would render different audio
 MANIFEST = "synth.json"
 TABLE = "clips.csv"  #: the plain-table layout's one table
 _MARGIN_SECONDS = 0.25  # rendered on both sides of a clip: room for device offsets and filter tails
-_OWNED = ("audio", "evaluation_setup", "meta.csv", TABLE, MANIFEST)
+SUBSET_DIR = "split_setup"  #: where the DCASE 2024 baseline keeps split5.csv … split100.csv
+_OWNED = ("audio", "evaluation_setup", SUBSET_DIR, "meta.csv", TABLE, MANIFEST)
 _TRAIN_FOLDS = 4  # the table layout deals training segments into folds 1-4; evaluation is fold 5
 
 Layout = Literal["tau", "table"]
@@ -70,6 +72,12 @@ class _Row:
     identifier: str
     device: str
     split: str
+    segment: str  #: the recorded segment (every device, every 1-s piece of it)
+
+    @property
+    def recording(self) -> str:
+        """One device's recording of the segment: the unit a training subset keeps or drops whole."""
+        return f"{self.segment}-{self.device}"
 
 
 def synthesize(out: str | Path, config: SynthConfig, *, progress: bool = True,
@@ -78,7 +86,9 @@ def synthesize(out: str | Path, config: SynthConfig, *, progress: bool = True,
 
     ``layout="table"`` writes one plain ``clips.csv`` (``filename,scene_label,device,fold``; folds
     1-4 hold the training segments, fold 5 the evaluation split) instead of the TAU tables, the
-    shape of a user's own collection (docs/datasets.md).
+    shape of a user's own collection (docs/datasets.md). ``config.segment_seconds`` cuts every
+    recording into files of that length named like TAU 2022 (``…-<segment>-<piece>-<device>.wav``)
+    and, in the TAU layout, adds the DCASE 2024 subsets ``split_setup/split{5,10,25,50,100}.csv``.
     """
     if layout not in LAYOUTS:
         raise DatasetError(out, f"unknown layout {layout!r}", f"choose one of {', '.join(LAYOUTS)}")
@@ -97,6 +107,8 @@ def synthesize(out: str | Path, config: SynthConfig, *, progress: bool = True,
         _write_plain_table(out, rows)
     else:
         _write_tables(out, rows)
+        if config.segment_seconds is not None:
+            _write_subsets(out, rows, config.seed)
     counts = _counts(rows)
     atomic_write_json(out / MANIFEST, _manifest(config, devices, counts, layout))
     return SynthSummary(out, counts, generated=True)
@@ -125,6 +137,8 @@ def _previous_manifest(out: Path) -> dict[str, Any] | None:
 def _is_complete_copy(out: Path, manifest: dict[str, Any], config: SynthConfig, layout: Layout) -> bool:
     stored = dict(manifest.get("config") or {})
     stored.pop("workers", None)
+    if stored.get("segment_seconds") is None:  # like content_dict: uncut corpora of any version compare equal
+        stored.pop("segment_seconds", None)
     wanted = json.loads(json.dumps(config.content_dict()))
     counts = manifest.get("counts")
     if manifest.get("format_version") != FORMAT_VERSION or stored != wanted or not counts:
@@ -134,6 +148,8 @@ def _is_complete_copy(out: Path, manifest: dict[str, Any], config: SynthConfig, 
     setup = out / "evaluation_setup"
     tables = ([out / TABLE] if layout == "table" else
               [out / "meta.csv", *(setup / f"fold1_{s}.csv" for s in ("train", "evaluate", "test"))])
+    if layout != "table" and config.segment_seconds is not None:
+        tables += [subset_path(out, percent) for percent in SUBSET_PERCENTS]
     expected = sum(sum(devices.values()) for devices in counts.values())
     return all(t.is_file() for t in tables) and sum(1 for _ in (out / "audio").glob("*.wav")) == expected
 
@@ -192,7 +208,7 @@ def _mapper(workers: int, jobs: int) -> Iterator[Callable[..., Iterator[Any]]]:
 def _render_segment(
     plan: SegmentPlan, *, root: Path, config: SynthConfig, devices: dict[str, Device]
 ) -> list[_Row]:
-    """Render one segment once and write every device's recording of it."""
+    """Render one segment once and write every device's recording of it (cut into pieces for TAU 2022)."""
     sr = config.sample_rate
     n = int(round(config.clip_seconds * sr))
     margin = int(_MARGIN_SECONDS * sr)
@@ -203,8 +219,14 @@ def _render_segment(
     for device in plan.devices:
         rng = stream_rng(config.seed, Stream.RECORDING, plan.index, ALL_DEVICES.index(device))
         audio = record(devices[device], clean, sr, n, margin, rng)
-        write_audio(root / plan.filename(device), audio, sr, subtype="PCM_16")
-        rows.append(_Row(plan.filename(device), plan.scene, plan.identifier, device, plan.split))
+        if config.segment_seconds is None:
+            pieces = [(plan.filename(device), audio)]
+        else:
+            step = round(config.segment_seconds * sr)
+            pieces = [(plan.piece_filename(device, k), audio[k * step:(k + 1) * step]) for k in range(config.pieces)]
+        for filename, piece in pieces:
+            write_audio(root / filename, piece, sr, subtype="PCM_16")
+            rows.append(_Row(filename, plan.scene, plan.identifier, device, plan.split, plan.stem))
     return rows
 
 
@@ -229,19 +251,28 @@ def _write_tables(out: Path, rows: list[_Row]) -> None:
     atomic_write_text(setup / "fold1_test.csv", table("filename", [r.filename for r in evaluate]))
 
 
+def subset_path(out: Path, percent: int) -> Path:
+    return out / SUBSET_DIR / f"split{percent}.csv"
+
+
+def _write_subsets(out: Path, rows: list[_Row], seed: int) -> None:
+    """``split{p}.csv`` (``filename scene_label``, tab-separated like fold1_train.csv) per percentage."""
+    train = sorted((r for r in rows if r.split == TRAIN), key=lambda r: r.filename)
+    subsets = choose_subsets([(r.recording, r.scene, r.device) for r in train], SUBSET_PERCENTS, seed)
+    for percent, chosen in subsets.items():
+        lines = [f"{r.filename}\t{r.scene}" for r in train if r.recording in chosen]
+        atomic_write_text(subset_path(out, percent), "\n".join(["filename\tscene_label", *lines]) + "\n")
+
+
 def _write_plain_table(out: Path, rows: list[_Row]) -> None:
     """``clips.csv``: comma-separated, device in a column, folds by segment (a segment's recordings
     by every device share a fold, so no fold trains on a clip another fold tests)."""
     rows = sorted(rows, key=lambda r: r.filename)
-    segments = sorted({_segment(r) for r in rows if r.split == TRAIN})
+    segments = sorted({r.segment for r in rows if r.split == TRAIN})
     fold = {segment: index % _TRAIN_FOLDS + 1 for index, segment in enumerate(segments)}
-    lines = [f"{r.filename},{r.scene},{r.device},{fold[_segment(r)] if r.split == TRAIN else _TRAIN_FOLDS + 1}"
+    lines = [f"{r.filename},{r.scene},{r.device},{fold[r.segment] if r.split == TRAIN else _TRAIN_FOLDS + 1}"
              for r in rows]
     atomic_write_text(out / TABLE, "\n".join(["filename,scene_label,device,fold", *lines]) + "\n")
-
-
-def _segment(row: _Row) -> str:
-    return Path(row.filename).stem.rsplit("-", 1)[0]
 
 
 def _counts(rows: list[_Row]) -> Counts:

@@ -41,6 +41,10 @@ class SegmentPlan:
     def filename(self, device: str) -> str:
         return f"audio/{self.stem}-{device}.wav"
 
+    def piece_filename(self, device: str, piece: int) -> str:
+        """TAU 2022 Mobile naming: the 1-s piece's index between segment and device."""
+        return f"audio/{self.stem}-{piece}-{device}.wav"
+
 
 def plan_segments(config: SynthConfig) -> list[SegmentPlan]:
     """All segments of the corpus, train first, in a fixed order."""

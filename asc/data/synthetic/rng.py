@@ -18,6 +18,7 @@ class Stream(IntEnum):
     LOCATION = 3  # the character shared by all segments of one location
     SEGMENT = 4  # one clean scene rendering
     RECORDING = 5  # one device's recording of one segment
+    SUBSET = 6  # the order in which a (scene, device) stratum's recordings join the training subsets
 
 
 def stream_rng(seed: int, stream: Stream, *ids: int) -> np.random.Generator:
