@@ -43,6 +43,9 @@ class BundleManifest:
     model_file: str = "model.onnx"
     ort_file: str | None = None  #: ORT-format copy for reduced runtime builds and faster loading
     frontend_file: str | None = None  #: the front end's window and mel filterbank (npz), for an external front end
+    #: ``model_file`` compressed with xz (byte-exact): what an app ships when size matters; it may
+    #: ship it alone and unpack it once (asc.runtime reads it when ``model_file`` is absent)
+    container_file: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  #: accuracy and parity measured at export
     source: dict[str, Any] = field(default_factory=dict)  #: run folder, checkpoint, method that made it
     asc_version: str = ""
@@ -84,7 +87,14 @@ class BundleManifest:
             manifest.features  # noqa: B018 -- validates the front-end spec
         except (TypeError, AscError) as error:
             raise AscError(f"{path}: invalid manifest ({error}); re-export the bundle") from None
-        if not (path.parent / manifest.model_file).is_file():
+        if not manifest.model_path(path.parent).is_file():
             raise AscError(f"{path.parent / manifest.model_file}: the bundle's model file is missing; "
                            "copy the whole bundle folder or re-export it")
         return manifest
+
+    def model_path(self, bundle_dir: str | Path) -> Path:
+        """The ONNX model's file in ``bundle_dir``: ``model_file``, or the container when only it was shipped."""
+        bundle_dir = Path(bundle_dir)
+        if self.container_file and not (bundle_dir / self.model_file).is_file():
+            return bundle_dir / self.container_file
+        return bundle_dir / self.model_file

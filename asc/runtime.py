@@ -10,7 +10,8 @@ How a recording becomes one answer:
 2. cut into clip-length windows every ``hop`` samples (:func:`window_starts`);
 3. compute log-mel outside the graph when the bundle's front end is not inside it
    (:class:`asc.feature_spec.FastLogMel`, held to librosa's :func:`asc.feature_spec.log_mel`);
-4. run the windows through onnxruntime in batches;
+4. run the windows through onnxruntime in batches (a bundle that ships only its xz container,
+   ``model.onnx.xz``, is unpacked in memory once, when the session opens);
 5. average the windows' log-probabilities and renormalise. Treating windows as independent
    evidence about one scene, that is the normalised product of their probabilities (a geometric
    mean): a label wins by being likely in most windows, and the answer is still a distribution.
@@ -18,6 +19,7 @@ How a recording becomes one answer:
 
 from __future__ import annotations
 
+import lzma
 import os
 import warnings
 from dataclasses import dataclass
@@ -287,7 +289,7 @@ class Classifier:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: the runtime's own messages say what matters
-        model_path = self.bundle_dir / self.manifest.model_file
+        model_path = self.manifest.model_path(self.bundle_dir)
         ort_file = self.manifest.ort_file
         if ort_file and (self.bundle_dir / ort_file).is_file():
             try:
@@ -334,8 +336,10 @@ class Classifier:
 
 
 def _session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A session on an ONNX/ORT file, or on the ONNX bytes of an xz container, unpacked in memory (a few ms)."""
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        model: str | bytes = lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else str(path)
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 -- onnxruntime's load errors share no base class but Exception
         reason = " ".join(str(error).split())[:300]
         raise AscError(f"{path}: onnxruntime cannot load the model ({reason}); {_REEXPORT}") from None

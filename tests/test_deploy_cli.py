@@ -72,8 +72,9 @@ def test_evaluate_a_bundle_through_the_runtime_matches_its_export_parity(run: Pa
     assert main(["evaluate", str(bundle), "--data", str(data), "-q"]) == 0
     report = json.loads((tmp_path / "bundle-eval-evaluate" / "report.json").read_text())
     assert report["metrics"]["accuracy"] == pytest.approx(at_export, abs=1.5 / report["metrics"]["n"])
-    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "frontend.npz", "model.onnx", "model.ort",
-                                                         "parity.json", "required_operators.config"]  # nothing added
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "frontend.npz", "model.onnx", "model.onnx.xz",
+                                                         "model.ort", "parity.json",
+                                                         "required_operators.config"]  # nothing added
     assert main(["evaluate", str(bundle)]) == 2
     assert "give --data ROOT" in capsys.readouterr().err
 

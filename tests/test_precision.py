@@ -281,3 +281,43 @@ def test_search_steps_follow_speed_then_agreement() -> None:
     assert _next_step(_measured("now", 0.3, 0.95), [slow_ok, fast_bad], 0.99, 0.03) is slow_ok  # reach the bar
     assert _next_step(_measured("now", 0.3, 0.95), [fast_bad, closer], 0.99, 0.03) is closer  # climb toward it
     assert _next_step(_measured("now", 0.3, 0.98), [fast_bad, closer], 0.99, 0.03) is None  # no move helps
+
+
+# ------------------------------------------------------------------------------------ QAT graphs
+
+
+@pytest.mark.slow
+def test_rewrites_keep_a_qat_graph_exact(tmp_path: Path) -> None:
+    """Issue 13 item 1, first step: the int8-friendly rewrites run on a PT2E QAT graph (int8 QDQ with
+    its trained scales) and leave its logits unchanged, fused into integer kernels and as Q/DQ meaning."""
+    from asc.compress.quant import Int8QAT
+    from asc.export.onnx import export_onnx
+
+    hook = Int8QAT((1, N_MELS, FRAMES))
+    qat = hook.wrap_model(_model())
+    qat.train()
+    qat.freeze(bn=True, observers=False)  # observe ranges without moving BN statistics
+    with torch.no_grad():
+        for seed in range(4):
+            qat(torch.from_numpy(_inputs(8, seed=10 + seed)))
+    qat.eval()
+    path = export_onnx(hook.finalize(qat), torch.zeros(2, 1, N_MELS, FRAMES), tmp_path / "qat.onnx",
+                       input_name="log_mel")
+    original = onnx.load(str(path))
+    rewritten, report = rewrite_for_int8(original)
+    # the stem's weight is a DequantizeLinear output, not a constant, so space-to-depth does not apply yet;
+    # the sub-spectral norms follow a quantized conv output, so they become the exact per-band affine
+    assert report.applied == {"subspectral_bands": N_BLOCKS, "stem_space_to_depth": 0, "freq_mean_conv": N_BLOCKS,
+                              "norm_affine_on_input": N_NORMS}
+    ops = Counter(n.op_type for n in rewritten.graph.node)
+    assert ops["BatchNormalization"] == 0 and ops["QuantizeLinear"] == Counter(
+        n.op_type for n in original.graph.node)["QuantizeLinear"]  # the trained quantizers are all kept
+    onnx.checker.check_model(rewritten, full_check=True)
+    rewritten_path = save_onnx(rewritten, tmp_path / "rewritten.onnx")
+    x = _inputs(16)
+    for fused in (True, False):
+        expected, got = run_onnx(path, x, fused=fused), run_onnx(rewritten_path, x, fused=fused)
+        per_clip, scale = np.abs(got - expected).max(axis=1), np.abs(expected).max()
+        # identical here (0.0 both ways); a CPU whose float kernels round the per-band affine one
+        # ulp differently may move a value across a uint8 step in a few clips, never in most
+        assert np.median(per_clip) <= 1e-5 * scale and per_clip.max() <= 0.05 * scale

@@ -367,6 +367,30 @@ def test_inconsistent_bundles_fail_clearly(
     assert "re-export" in str(error.value) and "\n" not in str(error.value)
 
 
+def _container_only(source: Path, target: Path) -> Path:
+    """``source`` as an app ships it when size matters: ``model.onnx`` only as its xz container."""
+    from asc.export.onnx import pack_onnx
+
+    bundle = _copy_bundle(source, target, container_file="model.onnx.xz")
+    pack_onnx(bundle / "model.onnx")
+    (bundle / "model.onnx").unlink()
+    return bundle
+
+
+def test_a_bundle_shipping_only_its_container_gives_the_same_logits(bundles: Bundles, tmp_path: Path) -> None:
+    bundle = _container_only(bundles.external, tmp_path / "shipped")
+    classifier = Classifier(bundle)
+    assert classifier.model_path.name == "model.onnx.xz"
+    clips = np.stack([scene(1.0, seed=s) for s in range(3)])
+    np.testing.assert_array_equal(classifier.logits(clips), Classifier(bundles.external).logits(clips))
+    (bundle / "model.onnx.xz").write_bytes(b"\xfd7zXZ\x00garbage")
+    with pytest.raises(AscError, match="model.onnx.xz: onnxruntime cannot load the model"):
+        Classifier(bundle)
+    (bundle / "model.onnx.xz").unlink()
+    with pytest.raises(AscError, match="model file is missing"):
+        Classifier(bundle)
+
+
 def test_missing_bundle_names_the_folder(tmp_path: Path) -> None:
     with pytest.raises(AscError, match=f"{tmp_path}/bundle.json: no bundle manifest"):
         Classifier(tmp_path)
@@ -390,12 +414,13 @@ def test_runtime_and_classify_work_with_torch_blocked(bundles: Bundles, tmp_path
         "out['asc_modules'] = sorted(m for m in sys.modules if m.startswith('asc'))\n"
         "print(json.dumps(out))\n"
     )
-    done = without_torch(script, path, bundles.in_graph, bundles.external)
+    shipped = _container_only(bundles.external, tmp_path / "shipped")  # unpacked with lzma, torch-free
+    done = without_torch(script, path, bundles.in_graph, bundles.external, shipped)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["torch"] is False  # nothing even tried to import torch successfully
     assert "asc.features" not in out["asc_modules"]
-    for bundle in (bundles.in_graph, bundles.external):
+    for bundle in (bundles.in_graph, bundles.external, shipped):
         expected = Classifier(bundle).classify_file(path)
         assert out[str(bundle)]["label"] == expected.label
         assert out[str(bundle)]["probability"] == pytest.approx(expected.probability, abs=1e-6)

@@ -1,8 +1,10 @@
 """From a trained run to a verified, deployable bundle folder.
 
 A bundle is everything an app needs and nothing from training: ``model.onnx`` (fp32 or int8
-QDQ), ``model.ort`` and ``required_operators.config`` when onnxruntime can convert it,
-``bundle.json`` (:class:`~asc.bundle_manifest.BundleManifest`) and ``parity.json``
+QDQ, names compacted and constants stored once), ``model.onnx.xz`` (the same bytes in xz: what an
+app ships when download size matters, unpacked once), ``model.ort`` and
+``required_operators.config`` when onnxruntime can convert it, ``bundle.json``
+(:class:`~asc.bundle_manifest.BundleManifest`) and ``parity.json``
 (:class:`~asc.export.verify.ParityReport`).
 
 The folder appears only whole and only verified: everything is written into a hidden sibling
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -37,12 +40,15 @@ from asc.export.onnx import (
     FRONTEND_INPUT,
     OUTPUT,
     OrtFiles,
+    compact_onnx,
     compose_frontend,
     convert_to_ort,
     export_frontend,
     int8_operands,
     is_quantized_graph,
+    model_bytes,
     nodes_inside,
+    pack_onnx,
     save_onnx,
     torch_to_onnx,
 )
@@ -254,7 +260,10 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision
                              int8=int8, clipset=clipset, calibration_clips=calibration_clips, notes=notes,
                              progress=progress)
         files = dict(built.files)
-        files[deployed] = Path(shutil.copyfile(files[deployed], stage / MODEL_NAME))
+        shipped = onnx.load(str(files[deployed]))
+        compact_onnx(shipped)  # the gate below measures the compacted file: the one that ships
+        files[deployed] = save_onnx(shipped, stage / MODEL_NAME)
+        container = pack_onnx(files[deployed])
         candidates = [Candidate(name, path, "onnx_fp32" if name == "onnx_int8" and "onnx_fp32" in files else "torch")
                       for name, path in files.items()]
         ort_files: OrtFiles | None = None
@@ -275,9 +284,12 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision
             report = replace(report, notes=[*report.notes, "model.ort dropped: it disagrees with model.onnx"])
             ort_files = None
         quantization = None if precision == "fp32" else "qat" if qat_graph else f"ptq-{int8.calibration}"
+        sizes = {**model_bytes(files[deployed]).to_dict(), "container": container.stat().st_size,
+                 "ort": ort_files.model.stat().st_size if ort_files else None}
         manifest = _manifest(run, precision, in_graph, report, deployed,
                              ort_file=ort_files.model.name if ort_files else None, quantization=quantization,
-                             calibration_clips=built.calibration_clips, int8=int8_operands(files[deployed]))
+                             calibration_clips=built.calibration_clips, int8=int8_operands(files[deployed]),
+                             container_file=container.name, sizes=sizes)
         if not in_graph:
             FrontendArrays.compute(run.features).save(stage / FRONTEND_ARRAYS_NAME)
         (stage / PARITY_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -335,7 +347,7 @@ def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, in_graph: bo
 
 def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityReport, deployed: str, *,
               ort_file: str | None, quantization: str | None, calibration_clips: int | None,
-              int8: dict[str, Any] | None) -> BundleManifest:
+              int8: dict[str, Any] | None, container_file: str, sizes: dict[str, int | None]) -> BundleManifest:
     features = run.features
     gated = report.comparison(deployed)
     input_shape: list[int | str] = (["batch", run.clip_samples] if in_graph else
@@ -345,6 +357,7 @@ def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityRep
         frontend=features.to_dict(), frontend_in_graph=in_graph, precision=precision,  # type: ignore[arg-type]
         input_name=FRONTEND_INPUT if in_graph else FEATURE_INPUT, input_shape=input_shape, output_name=OUTPUT,
         model_file=MODEL_NAME, ort_file=ort_file, frontend_file=None if in_graph else FRONTEND_ARRAYS_NAME,
+        container_file=container_file,
         metrics={
             "split": report.split, "clips": report.clips,
             "accuracy": report.accuracy[deployed], "reference_accuracy": report.accuracy["torch"],
@@ -353,6 +366,7 @@ def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityRep
             "forced": report.gate.forced and not report.gate.passed,
             "convs": report.census.convs, "qlinear_convs": report.census.qlinear_convs,
             "frontend_max_abs_diff": report.frontend_max_abs_diff,
+            "bytes": sizes,
         },
         source={
             "run": str(run.run_dir.resolve()), "checkpoint": run.checkpoint, "epoch": run.state.get("epoch"),
@@ -375,8 +389,11 @@ def format_summary(bundle_dir: str | Path, manifest: BundleManifest) -> str:
     """A few lines for the terminal: files, parity, accuracy and the QLinearConv census."""
     bundle_dir = Path(bundle_dir)
     m = manifest.metrics
-    files = [_size(bundle_dir / manifest.model_file)] + ([_size(bundle_dir / manifest.ort_file)]
-                                                           if manifest.ort_file else [])
+    files = [_size(bundle_dir / name) for name in (manifest.model_file, manifest.container_file, manifest.ort_file)
+             if name]
+    sizes = m.get("bytes")
+    if sizes and sizes.get("nonzero_int8_weights"):
+        files.append(f"{sizes['nonzero_int8_weights'] / 1000:.1f} KB of non-zero int8 weights")
     shape = "x".join(str(d) for d in manifest.input_shape)
     groups = ", ".join(f"{g} {a:.1%}" for g, a in m["accuracy"]["per_group"].items())
     lines = [

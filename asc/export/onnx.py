@@ -15,6 +15,11 @@ What the choices rest on (measured on this CPU, reference/compression.md §3-§5
   bit for bit, on both CPU classes (docs/export-latency.md §10).
 * The frequency-wise norms stay float: their per-bin statistics divide by a spread, and
   quantizing their multiplies tripled the logit drift at no speed gain (§4.1).
+* What ships is as small as the weights allow (:func:`compact_onnx`, :func:`pack_onnx`): exporter
+  names were a quarter of an int8 file, and int8 zeros (pruned weights) are stored dense because
+  onnxruntime's CPU kernels are dense; an xz container holds them at ~1.2 bytes per non-zero
+  weight. The ORT format stores a type/shape table for every tensor and is 2.5-3x the ONNX file
+  (docs/export-latency.md §12).
 * The front end is exported on its own and joined to the (possibly int8) CNN with
   ``onnx.compose``: quantization never touches the STFT, and ``quant_pre_process``, whose symbolic
   shape inference crashes on ``STFT``, never sees it.
@@ -26,6 +31,7 @@ import contextlib
 import io
 import json
 import logging
+import lzma
 import re
 import shutil
 import sys
@@ -33,7 +39,7 @@ import tempfile
 import warnings
 from ast import literal_eval
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +67,8 @@ BATCH = "batch"
 FRONTEND_INPUT = "audio"
 FEATURE_INPUT = "log_mel"
 OUTPUT = "logits"
+FRONTEND_SCOPE = "frontend."
+"""Name prefix of the front end's nodes in an in-graph model (:func:`compose_frontend`)."""
 
 _CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
 _OWN_METADATA = "asc."
@@ -141,7 +149,7 @@ def _is_subclass(qualified_name: str, base: type) -> bool:
 
 
 def strip_onnx(model: onnx.ModelProto) -> None:
-    """Drop per-node metadata, intermediate shape annotations and unused opset imports, in place.
+    """Drop per-node and per-graph metadata, intermediate shape annotations and unused opset imports, in place.
 
     All are redundant for inference (ORT infers shapes) and were over a third of the file. Opset
     imports are also de-duplicated (``onnx.compose`` lists a shared domain once per input model).
@@ -152,6 +160,7 @@ def strip_onnx(model: onnx.ModelProto) -> None:
         for item in items:
             del item.metadata_props[:]
     del graph.value_info[:]
+    del graph.metadata_props[:]  # the exporter's per-graph records (pkg.torch.*), ~14 KB
     own = [(p.key, p.value) for p in model.metadata_props if p.key.startswith(_OWN_METADATA)]
     del model.metadata_props[:]
     for key, value in own:
@@ -391,6 +400,127 @@ def int8_operands(path: str | Path) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Size: what the shipped file holds, and the container
+
+
+CONTAINER_SUFFIX = ".xz"
+"""A bundle's compressed model is ``model.onnx.xz``: plain xz, which Android and iOS apps unpack
+with standard libraries (and :mod:`asc.runtime` with :mod:`lzma`)."""
+
+
+def _xz(data: bytes) -> bytes:
+    """xz at the strongest preset, its dictionary cut to the data's size: a decoder allocates the
+    whole dictionary (64 MiB at preset 9), too much to ask of a phone for a 100 KB model."""
+    dictionary = max(1 << 12, 1 << (len(data) - 1).bit_length())
+    return lzma.compress(data, format=lzma.FORMAT_XZ, filters=[
+        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": min(dictionary, 1 << 26)}])
+
+
+def compact_onnx(model: onnx.ModelProto, *, scopes: tuple[str, ...] = (FRONTEND_SCOPE,)) -> None:
+    """Give nodes and internal tensors short names and store identical constants once, in place.
+
+    The exporter's and the quantizer's names (``node_quantize_per_tensor_73``,
+    ``...asc_band3_w_quantized``) were 20-25 % of an int8 file; they mean nothing to onnxruntime.
+    The graph's inputs and outputs keep their names (the app feeds them by name), and a node keeps
+    its ``scopes`` prefix (``frontend.``: ``asc bench`` times the in-graph front end by it). Run
+    it last: :func:`nodes_inside` and the precision plans find nodes by the names it removes.
+    """
+    graph = model.graph
+    if any(node.attribute and any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                  for a in node.attribute) for node in graph.node):
+        return  # subgraphs see outer names: leave such (control-flow) graphs as they are
+    kept = {value.name for value in [*graph.input, *graph.output]}
+    same: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    alias: dict[str, str] = {}
+    unique = []
+    for init in graph.initializer:
+        key = (init.data_type, tuple(init.dims), onnx.numpy_helper.to_array(init).tobytes())
+        if key in same and init.name not in kept:
+            alias[init.name] = same[key]
+        else:
+            same.setdefault(key, init.name)
+            unique.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(unique)
+    short: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        name = alias.get(name, name)
+        if not name or name in kept:
+            return name
+        return short.setdefault(name, f"t{len(short):x}")
+
+    for init in graph.initializer:
+        init.name = rename(init.name)
+    for index, node in enumerate(graph.node):
+        scope = next((prefix for prefix in scopes if node.name.startswith(prefix)), "")
+        node.name = f"{scope}n{index:x}"
+        node.doc_string = ""
+        node.input[:] = [rename(name) for name in node.input]
+        node.output[:] = [rename(name) for name in node.output]
+    graph.doc_string = ""
+
+
+def pack_onnx(onnx_path: str | Path, out_path: str | Path | None = None) -> Path:
+    """Write the xz container of an ONNX file (default: next to it, ``+ .xz``); byte-exact on unpacking."""
+    onnx_path = Path(onnx_path)
+    out_path = Path(out_path) if out_path is not None else onnx_path.with_name(onnx_path.name + CONTAINER_SUFFIX)
+    out_path.write_bytes(_xz(onnx_path.read_bytes()))
+    return out_path
+
+
+@dataclass(frozen=True)
+class ModelBytes:
+    """Where the bytes of an ONNX file go, and how small its xz container is.
+
+    ``packed_without_weights`` is the container of the same file with every int8 weight set to
+    zero: the fixed overhead (graph, scales, biases, float parameters) that the weights add to.
+    """
+
+    file: int
+    int8_weights: int  #: int8 conv/gemm weights as stored (dense)
+    nonzero_int8_weights: int
+    float_initializers: int  #: fp32 weights, per-channel scales, float biases, norm parameters
+    other_initializers: int  #: zero points, int32 biases, shapes
+    structure: int  #: nodes, names, attributes, graph inputs/outputs, metadata
+    packed: int
+    packed_without_weights: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def model_bytes(model: onnx.ModelProto | str | Path) -> ModelBytes:
+    """Measure :class:`ModelBytes` of a model (or a file) as it would be written."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    weights = int8_weights(model)
+    int8_bytes = float_bytes = other_bytes = 0
+    for init in model.graph.initializer:
+        size = init.ByteSize()
+        if init.name in weights:
+            int8_bytes += size
+        elif init.data_type == onnx.TensorProto.FLOAT:
+            float_bytes += size
+        else:
+            other_bytes += size
+    serialized = model.SerializeToString()
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(model)
+    for init in zeroed.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(weights[init.name]), init.name))
+    return ModelBytes(
+        file=len(serialized), int8_weights=int8_bytes,
+        nonzero_int8_weights=sum(int(np.count_nonzero(w)) for w in weights.values()),
+        float_initializers=float_bytes, other_initializers=other_bytes,
+        structure=len(serialized) - int8_bytes - float_bytes - other_bytes,
+        packed=len(_xz(serialized)),
+        packed_without_weights=len(_xz(zeroed.SerializeToString())),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # front end in the graph
 
 
@@ -414,7 +544,7 @@ def compose_frontend(frontend_path: str | Path, model_path: str | Path, out_path
     """
     frontend = onnx.load(str(frontend_path))
     model = onnx.load(str(model_path))
-    frontend = onnx.compose.add_prefix(frontend, "frontend.", rename_inputs=False, rename_outputs=False)
+    frontend = onnx.compose.add_prefix(frontend, FRONTEND_SCOPE, rename_inputs=False, rename_outputs=False)
     merged = onnx.compose.merge_models(frontend, model,
                                        io_map=[(frontend.graph.output[0].name, model.graph.input[0].name)])
     return save_onnx(merged, out_path)
