@@ -14,15 +14,17 @@ from torch.fx import GraphModule
 from asc.cli import main
 from asc.complexity import run_complexity
 from asc.compress.base import StageContext
-from asc.compress.pqk import PQK, PQKModel, PQKOptions
+from asc.compress.pqk import PQK, PQKOptions
 from asc.compress.prune import LayerSelection
-from asc.compress.quant import int8_conv_weights
+from asc.compress.psg import PSG, PSGOptions
+from asc.compress.quant import QATModel, int8_conv_weights
 from asc.compress.stage import build_methods, compress_run, split_overrides
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.models import BCResNetMod
 from asc.train.checkpoint import FINALIZED_NAME
 from asc.train.evaluate import evaluate_run, load_run_model
+from asc.train.hooks import phase_starts
 from asc.train.loop import BatchInfo, train_or_resume
 
 SHAPE = (1, 32, 40)
@@ -47,9 +49,11 @@ def pqk_in_phase2() -> SimpleNamespace:
     x, y = torch.randn(16, *SHAPE), torch.arange(16) % 4
     trainer = stub_trainer(y)
     pqk.setup(trainer)
-    pqk.on_epoch_start(trainer, 0)
+    first, second = pqk.phases()
+    assert phase_starts(pqk.phases(), EPOCHS) == [0, EPOCHS // 2]
+    pqk.on_phase_start(trainer, first)
     assert not pqk.teaching
-    pqk.on_epoch_start(trainer, EPOCHS // 2)
+    pqk.on_phase_start(trainer, second)
     assert pqk.teaching and pqk.teacher_ready
     return SimpleNamespace(pqk=pqk, model=model, float_model=float_model, trainer=trainer, x=x, y=y)
 
@@ -111,7 +115,8 @@ def test_distillation_term_is_nonzero_in_phase_two(pqk_in_phase2):
 @pytest.mark.slow
 def test_finalized_student_equals_the_simulated_deploy_path_and_keeps_the_sparsity(pqk_in_phase2):
     setup = pqk_in_phase2
-    optimizer = torch.optim.SGD(setup.model.parameters(), lr=0.05, momentum=0.9)
+    teacher_norms = setup.pqk.auxiliaries()["teacher_norms"].module
+    optimizer = torch.optim.SGD([*setup.model.parameters(), *teacher_norms.parameters()], lr=0.05, momentum=0.9)
     pruned_before = {name: module.weight[~module.weight_mask].clone() for name, module in setup.pqk.pruning.layers.items()}
     for _ in range(3):
         setup.model.train()
@@ -133,7 +138,7 @@ def test_finalized_student_equals_the_simulated_deploy_path_and_keeps_the_sparsi
     weights = int8_conv_weights(finalized)
     zeros = sum(int((w.q == 0).sum()) for w in weights)
     assert zeros >= round(0.5 * sum(mask.numel() for mask in setup.pqk.pruning.masks.values()))
-    assert isinstance(setup.model, PQKModel)  # finalizing worked on a copy
+    assert isinstance(setup.model, QATModel)  # finalizing worked on a copy
 
 
 def test_overrides_split_into_run_settings_and_method_options():
@@ -146,7 +151,7 @@ def test_overrides_split_into_run_settings_and_method_options():
 
 @pytest.mark.parametrize("names, message", [
     ([], "at least one"), (["zip"], "unknown compression method"), (["qat", "qat"], "twice"),
-    (["pqk", "prune"], "do the same job"),
+    (["pqk", "prune"], "methods pqk and prune both do pruning masks; drop one"),
 ])
 def test_method_lists_are_validated(names, message):
     with pytest.raises(ConfigError, match=message):
@@ -208,11 +213,70 @@ def test_structured_qat_kd_stage_makes_the_model_physically_smaller(trained_run:
 
 
 def test_qat_needs_an_epoch_to_measure_ranges(trained_run: Path):
+    out = trained_run.with_name("qat-too-short")
     with pytest.raises(ConfigError, match="freeze_observer_epochs=1"):
-        compress_run(trained_run, trained_run.with_name("qat-too-short"), ["qat"], ["train.epochs=1"], progress=False)
+        compress_run(trained_run, out, ["qat"], ["train.epochs=1"], progress=False)
+    assert not out.exists()  # the setup failed, so no half-made run is left
 
 
 def test_compress_refuses_what_is_not_a_trained_run(tmp_path: Path, capsys):
     assert main(["compress", str(tmp_path), "--method", "pqk"]) == 2
     error = capsys.readouterr().err
     assert "not a trained run" in error and len(error.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------- PSG
+
+
+def test_psg_scales_each_gradient_by_its_distance_to_the_grid():
+    torch.manual_seed(0)
+    model = BCResNetMod(width=8, num_classes=4, dropout=0.0).train()
+    psg = PSG(PSGOptions(bits=4, scale=150.0, start=0.5))
+    psg.wrap_model(model)
+    x, y = torch.randn(8, *SHAPE), torch.arange(8) % 4
+    trainer = SimpleNamespace()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        return {name: module.weight.grad.clone() for name, module in psg.layers.items()}
+
+    floating, scaled = psg.phases()
+    assert phase_starts(psg.phases(), 4) == [0, 2]
+    psg.on_phase_start(trainer, floating)
+    plain = gradients()
+    psg.after_backward(trainer)
+    assert all(torch.equal(module.weight.grad, plain[name]) for name, module in psg.layers.items())
+    assert not psg.ranges  # nothing tracked before the scaling phase
+
+    psg.on_phase_start(trainer, scaled)
+    plain = gradients()
+    psg.after_backward(trainer)
+    convs = [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert list(psg.layers) == convs and {"head.0", "classifier"} <= set(convs)  # stem and classifier included
+    for name, module in psg.layers.items():
+        w = module.weight.detach()
+        step = max(-min(0.0, w.min().item()), max(0.0, w.max().item())) / 7  # 4 bits: levels -7 .. 7
+        expected = plain[name] * 150.0 * (w - step * torch.round(torch.clamp(w / step, -7, 7))).abs()
+        torch.testing.assert_close(module.weight.grad, expected, rtol=1e-6, atol=1e-12, msg=name)
+        assert module.weight.grad.abs().sum() < plain[name].abs().sum() * 150.0 * step / 2 + 1e-12
+
+    name, module = next(iter(psg.layers.items()))
+    first = psg.ranges[name].clone()
+    with torch.no_grad():
+        module.weight.mul_(3.0)
+    gradients()
+    psg.after_backward(trainer)
+    w = module.weight.detach()
+    current = torch.stack([w.min().clamp(max=0.0), w.max().clamp(min=0.0)])
+    torch.testing.assert_close(psg.ranges[name], 0.9 * first + 0.1 * current)  # moving average, momentum 0.1
+    restored = PSG(PSGOptions(bits=4))
+    restored.load_state_dict(psg.state_dict())
+    assert torch.equal(restored.ranges[name], psg.ranges[name])
+
+
+def test_psg_is_refused_beside_another_quantizer():
+    with pytest.raises(ConfigError, match="^methods qat and psg both do quantization; drop one$"):
+        build_methods(["qat", "psg"], {}, StageContext(Path("unused"), SHAPE, 1))
+    with pytest.raises(ConfigError, match="psg.bits"):
+        build_methods(["psg"], {"psg": {"bits": 1}}, StageContext(Path("unused"), SHAPE, 1))

@@ -143,7 +143,8 @@ def test_online_peers_learn_alongside_the_student(tiny_overrides, tmp_path: Path
     trainer = Trainer(config, tmp_path / "run", hooks=[Distillation(OnlinePeers([peer]), weight=1.0)],
                       progress=False)
     trainer.fit()
-    assert len(trainer.extra_optimizers) == 1
+    assert list(trainer.auxiliaries) == ["kd.peers"]
+    assert {id(p) for p in peer.parameters()} <= {id(p) for p in trainer.trained_parameters()}
     changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, peer.parameters()))
     assert changed > 0.9 * len(before)
 

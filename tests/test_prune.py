@@ -200,6 +200,20 @@ def test_masks_refresh_only_on_schedule_and_freeze_after_the_end():
     assert any(not torch.equal(fresh[k[: -len(".weight")]], m) for k, m in hook.masks.items())
 
 
+def test_hook_state_alone_restores_the_masks():
+    """A wrapper (the QAT graph) drops the mask buffers from the model's state, so the hook carries them."""
+    schedule = PruningSchedule(final_sparsity=0.6, start_step=0, end_step=6, every=2)
+    model, hook = small_model(), MagnitudePruning(schedule)
+    trainer = start(hook, model)
+    train(model, hook, torch.optim.SGD(model.parameters(), lr=0.1), trainer, 8)
+    restored = MagnitudePruning(schedule)
+    start(restored, small_model(1))
+    assert all(bool(mask.all()) for mask in restored.masks.values())
+    restored.load_state_dict(hook.state_dict())
+    for (name, mask), again in zip(hook.masks.items(), restored.masks.values(), strict=True):
+        assert torch.equal(mask, again) and not bool(mask.all()), name
+
+
 def test_resume_from_state_dicts_reproduces_masks_and_weights():
     def fresh():
         model = small_model()

@@ -24,6 +24,7 @@ from asc.compress.quant import (
     Int8QAT,
     QATConfig,
     QATModel,
+    convert_qat,
     float_scopes,
     int8_conv_weights,
     prepare_qat,
@@ -250,6 +251,21 @@ def test_finalized_graph_computes_exactly_what_qat_evaluated(trained, deployed):
     # conversion worked on a copy: the QAT graph still has its fake-quant and could train on
     assert len(trained.qat.fake_quantizers()) == trained.quantizers
     assert not any("quantize_per" in str(n.target) for n in trained.qat.prepared.graph.nodes)
+
+
+@pytest.mark.slow
+def test_a_second_conversion_reuses_the_traced_patterns_and_is_identical(trained, deployed):
+    import asc.compress.quant as quant
+
+    assert quant._PATTERNS  # the first conversion (the fixture) traced torchao's folding patterns
+    traced = dict(quant._PATTERNS)
+    again = convert_qat(trained.qat)
+    assert quant._PATTERNS == traced  # reused, none traced again
+    assert again.code == deployed.finalized.code
+    for (name, a), b in zip(deployed.finalized.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(again(trained.x_test), deployed.finalized(trained.x_test))
 
 
 @pytest.mark.slow

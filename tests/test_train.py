@@ -98,6 +98,9 @@ class RecordingHook(TrainHook):
     def on_epoch_start(self, trainer, epoch):
         self._count("on_epoch_start")
 
+    def output_keys(self):
+        return frozenset({"logits", "features"})
+
     def forward(self, trainer, model, x):
         self._count("forward")
         return {"logits": model(x), "features": x}

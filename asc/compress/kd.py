@@ -9,7 +9,7 @@ self-teacher (PQK's dense path, DCIL) and online peers trained alongside the stu
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from asc.augment import mix_targets
 from asc.errors import ConfigError
 from asc.io import atomic_path
-from asc.train.hooks import TrainHook
+from asc.train.hooks import Auxiliary, TrainHook
 
 if TYPE_CHECKING:
     from asc.data.loader import ClipDataset
@@ -44,9 +44,11 @@ def kd_loss(student_logits: Tensor, teacher: Tensor, temperature: float = 2.0, *
 
 
 class TeacherProvider(Protocol):
-    """Teacher logits for a training batch."""
+    """Teacher logits for a training batch, and the modules the trainer must own for it."""
 
     def logits(self, trainer: Trainer, x: Tensor) -> Tensor: ...
+
+    def auxiliaries(self) -> Mapping[str, Auxiliary]: ...
 
 
 class ModelTeacher:
@@ -65,6 +67,9 @@ class ModelTeacher:
         model, _ = load_run_model(run_dir, checkpoint)
         return cls(model)
 
+    def auxiliaries(self) -> Mapping[str, Auxiliary]:
+        return {"teacher": Auxiliary(self.model, trainable=False)}
+
     @torch.no_grad()
     def logits(self, trainer: Trainer, x: Tensor) -> Tensor:
         self.model.to(x.device).eval()
@@ -80,6 +85,9 @@ class SelfTeacher:
     def logits(self, trainer: Trainer, x: Tensor) -> Tensor:
         return self.forward(x)
 
+    def auxiliaries(self) -> Mapping[str, Auxiliary]:
+        return {}  # the method that owns the path registers its modules
+
 
 class PrecomputedTeacher:
     """Teacher logits stored per training clip and looked up by clip index.
@@ -94,6 +102,9 @@ class PrecomputedTeacher:
 
     def logits(self, trainer: Trainer, x: Tensor) -> Tensor:
         return self.table[trainer.batch.indices.cpu()].to(x.device)
+
+    def auxiliaries(self) -> Mapping[str, Auxiliary]:
+        return {}
 
 
 @torch.no_grad()
@@ -131,42 +142,57 @@ def teacher_cache_name(teacher: nn.Module, dataset: ClipDataset) -> str:
     return f"teacher-logits-{digest.hexdigest()[:16]}.npy"
 
 
+class PeerGroup(nn.Module):
+    """Several networks run on the same input; logits stacked as (peers, batch, classes)."""
+
+    def __init__(self, peers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.peers = nn.ModuleList(peers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([peer(x) for peer in self.peers])
+
+
 class OnlinePeers:
     """Peer networks trained together with the student (deep mutual learning).
 
     The student distils from the peers' mean; each peer learns from the labels and from the
-    student, so the peers need their own optimizer (returned by :meth:`optimizer`).
+    student. The peers are an auxiliary module of the trainer: their own parameter group
+    (``lr``, ``weight_decay``; None: the run's), the schedule, clipping and checkpoints.
     """
 
-    def __init__(self, peers: Sequence[nn.Module], lr: float = 1e-3) -> None:
+    def __init__(self, peers: Sequence[nn.Module], *, lr: float | None = None,
+                 weight_decay: float | None = None) -> None:
         if not peers:
             raise ConfigError("online distillation needs at least one peer network")
-        self.peers = nn.ModuleList(peers)
-        self.lr = lr
-        self._last: list[Tensor] = []
+        self.peers = Auxiliary(PeerGroup(peers), lr=lr, weight_decay=weight_decay)
+        self._last = torch.empty(0)
 
-    def optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.peers.parameters(), lr=self.lr)
+    def auxiliaries(self) -> Mapping[str, Auxiliary]:
+        return {"peers": self.peers}
 
     def logits(self, trainer: Trainer, x: Tensor) -> Tensor:
-        self.peers.to(x.device).train()
-        self._last = [peer(x) for peer in self.peers]
-        return torch.stack(self._last).mean(0)
+        self.peers.module.train()
+        self._last = self.peers(x)
+        return self._last.mean(0)
 
     def peer_loss(self, trainer: Trainer, student_logits: Tensor, temperature: float) -> Tensor:
         """Each peer's task loss (mixup-aware, like the student's) plus distillation from the student."""
         from asc.train.loop import task_loss
 
-        return sum(task_loss(z, trainer.batch) + kd_loss(z, student_logits, temperature) for z in self._last)
+        return sum(task_loss(z, trainer.batch) + kd_loss(z, student_logits, temperature) for z in self._last.unbind())
 
 
 class Distillation(TrainHook):
     """Adds ``weight · T² · KL(teacher || student)`` to the task loss.
 
-    The hook runs the student and asks its provider for the teacher's logits of the same batch.
+    The loop runs the student; this hook adds the provider's ``teacher_logits`` for the same
+    batch and registers the provider's modules (a frozen teacher, trainable peers) as auxiliaries.
     With mixup on, logit teachers see the mixed input; precomputed teachers' soft targets are mixed
     with the batch's pairing instead.
     """
+
+    name = "kd"
 
     def __init__(self, provider: TeacherProvider, *, temperature: float = 2.0, weight: float = 1.0) -> None:
         if weight < 0:
@@ -176,11 +202,14 @@ class Distillation(TrainHook):
         self.temperature = temperature
         self.weight = weight
 
-    def extra_optimizers(self, model: nn.Module) -> list[torch.optim.Optimizer]:
-        return [self.provider.optimizer()] if isinstance(self.provider, OnlinePeers) else []
+    def auxiliaries(self) -> Mapping[str, Auxiliary]:
+        return self.provider.auxiliaries()
+
+    def output_keys(self) -> frozenset[str]:
+        return frozenset({"teacher_logits"})
 
     def forward(self, trainer: Trainer, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
-        return {"logits": model(x), "teacher_logits": self.provider.logits(trainer, x)}
+        return {"teacher_logits": self.provider.logits(trainer, x)}
 
     def extra_losses(self, trainer: Trainer, outputs: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
         student, teacher = outputs["logits"], outputs["teacher_logits"]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from asc.compress.base import Method, StageContext, parse_options
+from asc.compress.base import Job, Method, StageContext, parse_options, register
 from asc.compress.kd import Distillation, ModelTeacher
 from asc.compress.prune import (
     LayerSelection,
@@ -38,11 +38,12 @@ class StructuredOptions:
     global_pruning: bool = False  #: rank groups against each other instead of pruning each by ``ratio``
 
 
+@register
 class StructuredPruning(Method):
     """Removes whole channels before fine-tuning, so the deployed model is physically smaller."""
 
     name = "structured"
-    order = 0
+    jobs = frozenset({Job.STRUCTURE})
 
     def __init__(self, options: StructuredOptions, context: StageContext) -> None:
         self.options = options
@@ -93,11 +94,12 @@ def total_steps(trainer: Trainer) -> int:
     return trainer.steps_per_epoch * trainer.config.train.epochs
 
 
+@register
 class PruneMethod(MagnitudePruning, Method):
     """Gradual unstructured magnitude pruning whose ramp is set in fractions of the run."""
 
     name = "prune"
-    order = 1
+    jobs = frozenset({Job.MASKS})
 
     def __init__(self, options: PruneOptions, *, keep_pruned_values: bool = False) -> None:
         scope: Scope = "global" if options.scope == "global" else "layer"
@@ -116,11 +118,12 @@ class PruneMethod(MagnitudePruning, Method):
         return asdict(self.options)
 
 
+@register
 class QATMethod(Int8QAT, Method):
     """Int8 quantization-aware training; its finalized module is the int8 QDQ graph."""
 
     name = "qat"
-    order = 2
+    jobs = frozenset({Job.QUANTIZATION})
     quantizes = True
 
     @classmethod
@@ -144,11 +147,12 @@ class KDOptions:
     weight: float = 1.0
 
 
+@register
 class KDMethod(Distillation, Method):
     """Distillation from a trained run (by default the uncompressed model itself)."""
 
     name = "kd"
-    order = 3
+    jobs = frozenset({Job.DISTILLATION})
 
     def __init__(self, options: KDOptions, context: StageContext) -> None:
         teacher = ModelTeacher.from_run(context.source if options.teacher is None else options.teacher,

@@ -12,8 +12,11 @@ A composition of the building blocks, not a copy of them:
   ``where(mask, w.detach(), w)`` (so its loss reaches only pruned weights). Every other shared
   tensor (stem, classifier, the student's norms) is detached in the teacher's path.
 
-Only the student is finalized: masks applied, then converted to the int8 graph; the pruned
-values and the teacher's norms are dropped.
+The two phases are declared (``prune-quantize`` for the first ``phase2`` of the run, then
+``self-distil``), so the loop announces them, logs them per epoch and resumes into the right one.
+The teacher's norms are an auxiliary module: the trainer optimizes, schedules, clips and
+checkpoints them like the model. Only the student is finalized: masks applied, then converted to
+the int8 graph; the pruned values and the teacher's norms are dropped.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from asc.compress.base import Method, StageContext, parse_options
+from asc.compress.base import Job, Method, StageContext, parse_options, register
 from asc.compress.kd import Distillation, SelfTeacher
 from asc.compress.methods import PruneMethod, PruneOptions, QATMethod
 from asc.compress.prune import MASK
 from asc.compress.quant import QATConfig
 from asc.errors import ConfigError
+from asc.train.hooks import Auxiliary, Phase
 
 if TYPE_CHECKING:
     from asc.train.loop import Trainer
@@ -58,27 +62,15 @@ class PQKOptions:
                               "masks must be final before the self-teacher starts; fix pqk.prune_end/pqk.phase2")
 
 
-class PQKModel(nn.Module):
-    """The student being trained plus the teacher's own batch norms.
-
-    Holding both in one module puts the teacher's norms into the main optimizer, the learning-rate
-    schedule and the checkpoints without any special case in the loop.
-    """
-
-    def __init__(self, student: nn.Module, teacher_norms: nn.ModuleList) -> None:
-        super().__init__()
-        self.student = student
-        self.teacher_norms = teacher_norms
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.student(x)
+PHASE1, PHASE2 = "prune-quantize", "self-distil"
 
 
+@register
 class PQK(Method):
     """Prune + int8 QAT (phase 1), then distillation from the pruned weights added back (phase 2)."""
 
     name = "pqk"
-    order = 1
+    jobs = frozenset({Job.MASKS, Job.QUANTIZATION, Job.DISTILLATION})
     quantizes = True
 
     def __init__(self, options: PQKOptions, context: StageContext) -> None:
@@ -127,6 +119,17 @@ class PQK(Method):
             norm.load_state_dict(modules[name].state_dict())
         self.teacher_ready = True
 
+    # -- declarations
+
+    def phases(self) -> tuple[Phase, Phase]:
+        return Phase(PHASE1, fraction=self.options.phase2), Phase(PHASE2)
+
+    def auxiliaries(self) -> dict[str, Auxiliary]:
+        return {"teacher_norms": Auxiliary(self.teacher_norms)}
+
+    def output_keys(self) -> frozenset[str]:
+        return frozenset({"logits", "teacher_logits"})
+
     # -- hook points
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -134,8 +137,7 @@ class PQK(Method):
         norms = [(name, module) for name, module in model.named_modules() if isinstance(module, _BATCH_NORMS)]
         self.norm_names = [name for name, _ in norms]
         self.teacher_norms = nn.ModuleList(copy.deepcopy(module) for _, module in norms)
-        student = self.qat.wrap_model(self.pruning.wrap_model(model))
-        return PQKModel(student, self.teacher_norms)
+        return self.qat.wrap_model(self.pruning.wrap_model(model))
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self._float()
@@ -144,11 +146,13 @@ class PQK(Method):
         self.qat.setup(trainer)
         self.pruning.setup(trainer)
 
+    def on_phase_start(self, trainer: Trainer, phase: Phase) -> None:
+        self.teaching = phase.name == PHASE2
+        if self.teaching and not self.teacher_ready:  # a resumed run restored the teacher already
+            self._start_teacher()
+
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self.qat.on_epoch_start(trainer, epoch)
-        self.teaching = epoch >= round(self.options.phase2 * trainer.config.train.epochs)
-        if self.teaching and not self.teacher_ready:
-            self._start_teacher()
 
     def forward(self, trainer: Trainer, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
         outputs = self.pruning.forward(trainer, model, x)
@@ -172,8 +176,7 @@ class PQK(Method):
         return self.pruning.eval_forward(trainer, model, x)
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        student = model.student if isinstance(model, PQKModel) else model
-        return self.qat.finalize(self.pruning.finalize(student))
+        return self.qat.finalize(self.pruning.finalize(model))
 
     def state_dict(self) -> dict[str, Any]:
         return {"pruning": self.pruning.state_dict(), "qat": self.qat.state_dict(), "teacher_ready": self.teacher_ready}

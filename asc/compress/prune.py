@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -262,6 +262,8 @@ class MagnitudePruning(TrainHook):
     ``schedule`` may be left out when a method sets it in ``setup`` from the run's length.
     """
 
+    name = "prune"
+
     def __init__(self, schedule: PruningSchedule | None = None, *, selection: LayerSelection = LayerSelection(),
                  scope: Scope = "global", keep_pruned_values: bool = False) -> None:
         if scope not in ("global", "layer"):
@@ -341,6 +343,9 @@ class MagnitudePruning(TrainHook):
     def after_step(self, trainer: Trainer) -> None:
         self.update(trainer.step)
 
+    def output_keys(self) -> frozenset[str]:
+        return frozenset({"logits"}) if self.keep_pruned_values else frozenset()
+
     def forward(self, trainer: Trainer, model: nn.Module, x: Tensor) -> dict[str, Tensor] | None:
         if not self.keep_pruned_values:
             return None
@@ -364,19 +369,26 @@ class MagnitudePruning(TrainHook):
                 final.get_parameter(name).copy_(value)
         return materialize_masks(final)
 
-    def state_dict(self) -> dict[str, Any]:
-        # The masks are buffers, so they are in the model's state dict already; this records the
-        # settings that produced them so a resume with different ones fails instead of drifting.
+    def _settings(self) -> dict[str, Any]:
         return {"schedule": asdict(self._schedule()), "scope": self.scope, "layers": sorted(self.layers),
                 "keep_pruned_values": self.keep_pruned_values}
 
+    def state_dict(self) -> dict[str, Any]:
+        # The masks travel here as well as in the model's state dict: a wrapper such as the QAT graph
+        # drops the unused mask buffers, so the model's state alone would resume with all-ones masks.
+        # The settings that produced them make a resume with different ones fail instead of drifting.
+        return {**self._settings(), "masks": {name: mask.clone() for name, mask in self.masks.items()}}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
+        mine = self._settings()
         changed = sorted(key for key in mine if state.get(key) != mine[key])
         if changed:
             stored = {key: state.get(key) for key in changed}
             raise ConfigError(f"magnitude pruning: the checkpoint was pruned with different {', '.join(changed)} "
                               f"({stored}); resume with the run's own settings")
+        with torch.no_grad():
+            for name, module in self.layers.items():
+                module.get_buffer(MASK).copy_(state["masks"][f"{name}.weight"])
 
 
 # ---------------------------------------------------------------------------------------------

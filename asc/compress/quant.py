@@ -22,8 +22,9 @@ that ``convert_pt2e`` asks, so training and the exported int8 weights would disa
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -259,18 +260,62 @@ def prepare_qat(model: nn.Module, input_shape: tuple[int, int, int], config: QAT
     return qat
 
 
+_PATTERNS: dict[tuple[Any, ...], GraphModule] = {}
+"""torchao's traced conv-BN folding patterns, by pattern code, closure and example-input shapes."""
+
+
+def _pattern_key(value: Any) -> Any:
+    return ("tensor", tuple(value.shape), value.dtype, value.device.type) if isinstance(value, Tensor) else value
+
+
+@contextlib.contextmanager
+def _reused_patterns() -> Iterator[None]:
+    """Trace each of torchao's ~100 folding patterns once per process instead of once per convert.
+
+    ``convert_pt2e`` re-exports every pattern on every call (about 20 s on a laptop CPU, most of a
+    conversion); a pattern is a pure function of its code, its closure and the input shapes, so
+    the traced graph is reused. Anything unexpected (another torchao layout) falls back to tracing.
+    """
+    from torchao.quantization.pt2e import qat_utils
+
+    trace = getattr(qat_utils, "_get_aten_graph_module_for_pattern", None)
+    if trace is None:
+        yield
+        return
+
+    def reuse(pattern: Callable[..., Any], example_inputs: tuple[Any, ...], is_cuda: bool = False,
+              **kwargs: Any) -> GraphModule:
+        function = getattr(pattern, "fn", pattern)  # torchao wraps patterns in a module holding ``fn``
+        code = getattr(function, "__code__", None)
+        if code is None:
+            return trace(pattern, example_inputs, is_cuda, **kwargs)
+        key = (code, tuple(cell.cell_contents for cell in function.__closure__ or ()), is_cuda,
+               tuple(map(_pattern_key, example_inputs)),
+               tuple(sorted((name, _pattern_key(value)) for name, value in kwargs.items())))
+        if key not in _PATTERNS:
+            _PATTERNS[key] = trace(pattern, example_inputs, is_cuda, **kwargs)
+        return _PATTERNS[key]
+
+    qat_utils._get_aten_graph_module_for_pattern = reuse
+    try:
+        yield
+    finally:
+        qat_utils._get_aten_graph_module_for_pattern = trace
+
+
 def convert_qat(qat: QATModel) -> GraphModule:
     """The deployable int8 graph: BN folded, int8 weights, Q/DQ with the trained scales.
 
-    Works on a copy in eval mode, so training can go on. It may take tens of seconds: torchao
-    traces its ~100 conv-BN folding patterns on every call.
+    Works on a copy in eval mode, so training can go on. The first call in a process takes tens
+    of seconds (torchao traces its conv-BN folding patterns); later ones reuse the traces.
     """
     prepared = copy.deepcopy(qat.prepared)
     _set_graph_mode(prepared, dropout=False, bn_stats=False)
     for quantizer in prepared.modules():
         if isinstance(quantizer, FakeQuantizeBase):
             quantizer.enable_observer(False)
-    converted = convert_pt2e(prepared)
+    with _reused_patterns():
+        converted = convert_pt2e(prepared)
     _drop_unused_attributes(converted)
     return allow_exported_model_train_eval(converted)  # export code may call .eval(); it is a no-op here
 
@@ -324,6 +369,8 @@ class Int8QAT(TrainHook):
     the hook's own state is the freeze phase. ``float_model`` is the module that was wrapped: it
     shares parameters and buffers with the graph, so it holds the QAT-trained float weights.
     """
+
+    name = "qat"
 
     def __init__(self, input_shape: tuple[int, int, int], config: QATConfig | None = None) -> None:
         self.input_shape = _check_input_shape(input_shape)

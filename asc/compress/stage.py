@@ -14,12 +14,16 @@ materialized results are written beside it:
   the finalized module and its complexity.
 
 Keys of the overrides either configure the run (``train.epochs=10``, ``optim.lr=0.01``) or a
-method (``pqk.sparsity=0.8``, ``structured.ratio=0.5``).
+method (``pqk.sparsity=0.8``, ``structured.ratio=0.5``). A composition is checked before any
+folder is written: no two methods may share a job (:class:`~asc.compress.base.Job`) or an output
+key, and the methods run in job order whatever the argument order.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+import shutil
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -29,9 +33,7 @@ import torch
 from torch import nn
 
 from asc.complexity import complexity
-from asc.compress.base import Method, StageContext
-from asc.compress.methods import KDMethod, PruneMethod, QATMethod, StructuredPruning
-from asc.compress.pqk import PQK
+from asc.compress.base import Method, StageContext, method_classes
 from asc.compress.prune import materialize_masks
 from asc.config import (
     RunConfig,
@@ -51,9 +53,6 @@ from asc.train.checkpoint import (
 )
 from asc.train.evaluate import load_run_model
 from asc.train.loop import Trainer
-
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (StructuredPruning, PruneMethod, QATMethod, KDMethod, PQK)}
-"""Every method the stage can run, by ``--method`` name."""
 
 PLAN_NAME = "compress.yaml"
 FLOAT_CHECKPOINT = "float"
@@ -77,22 +76,33 @@ def split_overrides(overrides: Sequence[str], methods: Sequence[str]) -> tuple[l
     return run, options
 
 
-def build_methods(names: Sequence[str], options: dict[str, dict[str, Any]], context: StageContext) -> list[Method]:
-    """The methods in pipeline order (structure, masks, quantization, distillation)."""
+def compose(names: Sequence[str]) -> list[type[Method]]:
+    """The classes of ``names`` in pipeline order; a list they cannot all run in is a ConfigError."""
+    registry = method_classes()
     if not names:
-        raise ConfigError(f"choose at least one --method: {', '.join(METHODS)}")
-    unknown = [name for name in names if name not in METHODS]
+        raise ConfigError(f"choose at least one --method: {', '.join(registry)}")
+    unknown = [name for name in names if name not in registry]
     if unknown:
-        raise ConfigError(f"unknown compression method {unknown[0]!r}; valid: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown compression method {unknown[0]!r}; valid: {', '.join(registry)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"--method lists a method twice ({', '.join(names)}); give each once")
-    classes = sorted((METHODS[name] for name in names), key=lambda cls: cls.order)
-    orders = [cls.order for cls in classes]
-    if len(set(orders)) != len(orders):
-        clash = [cls.name for cls in classes if orders.count(cls.order) > 1]
-        raise ConfigError(f"methods {clash} do the same job (one pruning, one quantization and one distillation "
-                          "method per run; pqk already prunes and quantizes); drop one")
-    return [cls.build(options.get(cls.name, {}), context) for cls in classes]
+    classes = [registry[name] for name in names]
+    for first, second in itertools.combinations(classes, 2):
+        shared = sorted(first.jobs & second.jobs)
+        if shared:
+            jobs = " and ".join(job.describe for job in shared)
+            raise ConfigError(f"methods {first.name} and {second.name} both do {jobs}; drop one")
+    return sorted(classes, key=lambda cls: cls.pipeline_position())
+
+
+def build_methods(names: Sequence[str], options: dict[str, dict[str, Any]], context: StageContext) -> list[Method]:
+    """The configured methods in pipeline order (structure, masks, quantization, distillation)."""
+    built = [cls.build(options.get(cls.name, {}), context) for cls in compose(names)]
+    for first, second in itertools.combinations(built, 2):
+        shared = sorted(first.output_keys() & second.output_keys())
+        if shared:
+            raise ConfigError(f"methods {first.name} and {second.name} both produce {', '.join(shared)}; drop one")
+    return built
 
 
 def _source_checkpoint(source: Path) -> str:
@@ -141,6 +151,7 @@ def compress_run(source: Path, out: Path, methods: Sequence[str], overrides: Seq
     if resume and read_yaml(out / PLAN_NAME) != plan:
         raise AscError(f"{out}: holds a stopped compression with other settings; delete it or resume it with the "
                        f"same methods and overrides")
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(plan, out / PLAN_NAME)
 
@@ -154,7 +165,12 @@ def compress_run(source: Path, out: Path, methods: Sequence[str], overrides: Seq
         return model.train()
 
     trainer = Trainer(config, out, hooks=built, progress=progress, model_factory=start_model)
-    trainer.fit(resume=resume)
+    try:
+        trainer.fit(resume=resume)
+    except AscError:
+        if fresh and not (out / "checkpoints" / "last.pt").is_file():  # failed in setup: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     _finalize(trainer, built, context, meta)
     return "resumed" if resume else "compressed"
 

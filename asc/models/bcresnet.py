@@ -150,6 +150,11 @@ class BCResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.blocks(self.head(x)))
 
+    def feature_taps(self) -> dict[str, nn.Module]:
+        """Named stages whose outputs methods may read (methods.md §1.3 numbering: stage0-3)."""
+        ends = [sum(self.BLOCKS[: stage + 1]) - 1 for stage in range(len(self.BLOCKS))]
+        return {"head": self.head, **{f"stage{stage}": self.blocks[end] for stage, end in enumerate(ends)}}
+
 
 class BCResNetMod(nn.Module):
     """BC-ResNet-Mod / BC-ResNet-ASC (DCASE 2021 Task 1A winner), width ``c``.
@@ -208,4 +213,9 @@ class BCResNetMod(nn.Module):
         x = self.head(x)
         x = self.stages(x)
         return self.classifier(x).mean(dim=(2, 3))
+
+    def feature_taps(self) -> dict[str, nn.Module]:
+        """Named stages whose outputs methods may read (methods.md §2.2 numbering: stage1-4, after pooling)."""
+        return {"input_norm": self.input_norm, "head": self.head,
+                **{f"stage{index + 1}": stage for index, stage in enumerate(self.stages)}}
 

@@ -42,6 +42,15 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return cls(num_classes=num_classes, **kwargs)
 
 
+def feature_taps(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's named stages (``model.feature_taps()``), for methods that read feature maps."""
+    taps = getattr(model, "feature_taps", None)
+    if taps is None:
+        raise ConfigError(f"{type(model).__name__} exposes no named stages (feature_taps); "
+                          "use a BC-ResNet model or add feature_taps() to it")
+    return dict(taps())
+
+
 def _model_class(name: str) -> type[nn.Module]:
     if name not in _MODELS:
         raise ConfigError(f"unknown model {name!r}; valid: {', '.join(_MODELS)}")

@@ -1,9 +1,10 @@
 """One training loop for every model and every compression method.
 
 The loop owns data, optimisation, evaluation, checkpoints and the run folder; methods plug in
-through :class:`~asc.train.hooks.TrainHook`. Randomness is re-seeded from ``(seed, epoch)`` at the
-start of every epoch, so a run resumed from its last checkpoint follows exactly the same path as
-an uninterrupted one.
+through :class:`~asc.train.hooks.TrainHook`, and the loop also owns what they declare: phases,
+auxiliary modules, feature taps and named loss terms. Randomness is re-seeded from
+``(seed, epoch)`` at the start of every epoch, so a run resumed from its last checkpoint follows
+exactly the same path as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import gc
 import hashlib
 import math
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +30,21 @@ from tqdm import tqdm
 from asc.augment import MixedBatch, build_augmentations, build_mixup, mixup_loss
 from asc.config import RunConfig, save_yaml, to_dict
 from asc.data.loader import ClipDataset, DeviceBalancedSampler, make_loader
-from asc.errors import AscError
+from asc.errors import AscError, ConfigError
 from asc.features import LogMel
 from asc.io import atomic_write_text
 from asc.models import build_model
+from asc.models.registry import feature_taps
 from asc.train import distributed
 from asc.train.checkpoint import load_checkpoint, save_checkpoint
 from asc.train.data import (clip_samples, clipset_devices, make_dataset, open_clipset,
                             split_clips)
 from asc.train.evaluate import predict_logits
-from asc.train.hooks import TrainHook
+from asc.train.hooks import Auxiliary, Phase, TrainHook, phase_at, phase_starts
 from asc.train.translation import needs_waveform, translation_for_run
 from asc.train.metrics import Metrics, compute_metrics
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  #: 2: optimizers/schedulers per step order and auxiliary modules
 
 
 @dataclass
@@ -89,12 +92,25 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def make_optimizer(config: RunConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+ParamGroups = list[dict[str, Any]]
+
+
+def make_optimizer(config: RunConfig, params: Iterator[nn.Parameter] | ParamGroups) -> torch.optim.Optimizer:
+    """The configured optimizer; parameter groups may set their own ``lr`` and ``weight_decay``."""
     optim = config.optim
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                                nesterov=optim.momentum > 0)
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def _aux_group(aux: Auxiliary) -> dict[str, Any]:
+    group: dict[str, Any] = {"params": [p for p in aux.module.parameters() if p.requires_grad]}
+    if aux.lr is not None:
+        group["lr"] = aux.lr
+    if aux.weight_decay is not None:
+        group["weight_decay"] = aux.weight_decay
+    return group
 
 
 def model_spec(config: RunConfig, num_classes: int) -> dict[str, Any]:
@@ -133,6 +149,11 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self.auxiliaries: dict[str, Auxiliary] = {}
+        self.phases: dict[str, Phase] = {}  #: current phase of every hook that declares phases
+        self._taps: dict[str, Tensor] = {}
+        self._tapping = False
+        self._terms: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -169,18 +190,19 @@ class Trainer:
         num_classes = len(self.data.labels)
         model = (self.model_factory(num_classes) if self.model_factory is not None
                  else build_model(config.model.name, num_classes, **config.model.args)).to(device)
+        tapped = self._tap_modules(model)
         for hook in self.hooks:
             model = hook.wrap_model(model)
         self.model = model.to(device)
-        self.train_model: nn.Module = (
-            DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            if self.ctx.enabled else self.model)
-        self.optimizer = make_optimizer(config, (p for p in self.model.parameters() if p.requires_grad))
-        self.extra_optimizers = [opt for hook in self.hooks for opt in hook.extra_optimizers(self.model)]
+        for name, module in tapped.items():  # after wrapping, so that tracing (QAT export) never sees them
+            module.register_forward_hook(self._tap_hook(name))
+        self.train_model = self._ddp(self.model)
+        self._producer = self._logits_producer()
+        self._register_auxiliaries()
         self.steps_per_epoch = len(self._train_loader(0))
         total = self.steps_per_epoch * config.train.epochs
         warmup = int(round(config.optim.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total, warmup))
+        self._build_optimizers(warmup_cosine(total, warmup))
         self.aug_generator = torch.Generator()
         translation_model = None
         if config.augment.translation != "none":
@@ -191,6 +213,75 @@ class Trainer:
         self.mixup = build_mixup(config.augment)
         for hook in self.hooks:
             hook.setup(self)
+            if hook.phases():  # phases longer than the run are a config error before training
+                phase_starts(hook.phases(), config.train.epochs)
+
+    def _ddp(self, module: nn.Module, *, find_unused: bool = False) -> nn.Module:
+        if not self.ctx.enabled:
+            return module
+        device = self.ctx.device
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=find_unused)
+
+    def _tap_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        wanted = {name for hook in self.hooks for name in hook.feature_taps()}
+        if not wanted:
+            return {}
+        stages = feature_taps(model)
+        unknown = sorted(wanted - stages.keys())
+        if unknown:
+            raise ConfigError(f"feature taps {unknown} are not stages of {type(model).__name__}; "
+                              f"valid: {', '.join(stages)}")
+        return {name: stages[name] for name in sorted(wanted)}
+
+    def _tap_hook(self, name: str) -> Callable[..., None]:
+        def record(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            if self._tapping and name not in self._taps:  # the first call of a step is the student's
+                self._taps[name] = output
+
+        return record
+
+    def feature(self, name: str) -> Tensor:
+        """The output of model stage ``name`` in this step's student forward (see ``feature_taps``)."""
+        if name not in self._taps:
+            raise AscError(f"feature tap {name!r} did not run in this step: declare it in feature_taps() and train "
+                           "a float module (an exported QAT graph has no stage modules to tap)")
+        return self._taps[name]
+
+    def _logits_producer(self) -> TrainHook | None:
+        producers = [hook for hook in self.hooks if "logits" in hook.output_keys()]
+        if len(producers) > 1:
+            raise ConfigError(f"hooks {', '.join(h.label for h in producers)} all replace the model's forward "
+                              "(they return 'logits'); keep one")
+        return producers[0] if producers else None
+
+    def _register_auxiliaries(self) -> None:
+        for hook in self.hooks:
+            for key, aux in hook.auxiliaries().items():
+                name = f"{hook.label}.{key}"
+                if name in self.auxiliaries:
+                    raise ConfigError(f"two hooks register the auxiliary module {name!r}; give them distinct names")
+                aux.module.to(self.ctx.device)
+                if not aux.trainable:
+                    aux.module.requires_grad_(False)
+                elif any(p.requires_grad for p in aux.module.parameters()):
+                    aux.runner = self._ddp(aux.module, find_unused=True)  # used in some phases only
+                self.auxiliaries[name] = aux
+
+    def _build_optimizers(self, factor: Callable[[int], float]) -> None:
+        """One optimizer per step order (the model's is order 0), each on the shared schedule."""
+        groups: dict[int, ParamGroups] = {0: [{"params": [p for p in self.model.parameters() if p.requires_grad]}]}
+        for aux in self.auxiliaries.values():
+            if aux.trainable:
+                groups.setdefault(aux.step_order, []).append(_aux_group(aux))
+        self.optimizers = [make_optimizer(self.config, groups[order]) for order in sorted(groups)]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in self.optimizers]
+        main = sorted(groups).index(0)
+        self.optimizer, self.scheduler = self.optimizers[main], self.schedulers[main]
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """Every parameter an optimizer updates: the model's and the trainable auxiliaries'."""
+        return [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
 
     def _train_loader(self, epoch: int) -> DataLoader:
         config = self.config
@@ -232,34 +323,78 @@ class Trainer:
             x = mix.x
         self.batch = BatchInfo(indices, labels, devices, mix)
         with self._autocast():
-            outputs = next((out for hook in self.hooks
-                            if (out := hook.forward(self, self.train_model, x)) is not None), None)
-            if outputs is None:
-                outputs = {"logits": self.train_model(x)}
-            loss = task_loss(outputs["logits"], self.batch)
-            for hook in self.hooks:
-                for term in hook.extra_losses(self, outputs, labels).values():
-                    loss = loss + term
-        optimizers = [self.optimizer, *self.extra_optimizers]
-        for opt in optimizers:
+            outputs = self._forward(x)
+            terms = self._loss_terms(outputs, labels)
+            loss = sum(terms.values())
+        for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
         for hook in self.hooks:
             hook.after_backward(self)
         if self.config.optim.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-        for opt in optimizers:
+            nn.utils.clip_grad_norm_(self.trained_parameters(), self.config.optim.grad_clip)
+        for opt in self.optimizers:
             opt.step()
-        self.scheduler.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
         self.step += 1
+        for name, term in terms.items():
+            self._terms.setdefault(name, []).append(float(term.detach()))
         for hook in self.hooks:
             hook.after_step(self)
         return float(loss.detach())
+
+    def _forward(self, x: Tensor) -> dict[str, Tensor]:
+        """The student's forward (the model, or the hook that replaces it), then every hook's outputs."""
+        self._taps.clear()
+        self._tapping = True
+        try:
+            produced = self._producer.forward(self, self.train_model, x) if self._producer else None
+            outputs = dict(produced) if produced is not None else {"logits": self.train_model(x)}
+        finally:
+            self._tapping = False
+        for hook in self.hooks:
+            if hook is self._producer:
+                continue
+            for key, value in (hook.forward(self, self.train_model, x) or {}).items():
+                if key in outputs:
+                    raise ConfigError(f"{hook.label} returns {key!r}, which another hook already returned; "
+                                      "declare output_keys() so the clash is refused before training")
+                outputs[key] = value
+        return outputs
+
+    def _loss_terms(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """The task loss (unless a current phase switches it off) and every hook's named terms."""
+        terms: dict[str, Tensor] = {}
+        if all(phase.task_loss for phase in self.phases.values()):
+            terms["task"] = task_loss(outputs["logits"], self.batch)
+        for hook in self.hooks:
+            for name, term in hook.extra_losses(self, outputs, labels).items():
+                terms[f"{hook.label}.{name}"] = term
+        if not terms:
+            raise ConfigError(f"no loss term in phases {self.phases}: a phase switched the task loss off and no "
+                              "hook added one")
+        return terms
+
+    def _enter_phases(self, epoch: int) -> None:
+        """Announce and start each hook's phase when it changes (and the one a resumed run lands in)."""
+        for hook in self.hooks:
+            phases = hook.phases()
+            if not phases:
+                continue
+            phase = phase_at(phases, epoch, self.config.train.epochs)
+            if self.phases.get(hook.label) != phase:
+                self.phases[hook.label] = phase
+                if self.progress and self.ctx.is_main:
+                    tqdm.write(f"epoch {epoch + 1}: {hook.label} enters phase {phase.name!r}")
+                hook.on_phase_start(self, phase)
 
     def _train_epoch(self, epoch: int) -> float:
         seed = epoch_seed(self.config.train.seed, epoch)
         torch.manual_seed(seed)
         self.aug_generator.manual_seed(seed)
+        self._enter_phases(epoch)
+        self._terms = {}
         for hook in self.hooks:
             hook.on_epoch_start(self, epoch)
         self.train_model.train()
@@ -309,9 +444,9 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "extra_optimizers": [opt.state_dict() for opt in self.extra_optimizers],
-            "scheduler": self.scheduler.state_dict(),
+            "auxiliaries": {name: aux.module.state_dict() for name, aux in self.auxiliaries.items() if aux.trainable},
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
             "hooks": [hook.state_dict() for hook in self.hooks],
             "history": self.history,
             "best": self.best,
@@ -335,10 +470,17 @@ class Trainer:
         except RuntimeError as error:
             raise AscError(f"{path}: does not fit the configured model ({str(error).splitlines()[0]}); "
                            "resume with the run's own config.yaml") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        for opt, opt_state in zip(self.extra_optimizers, state["extra_optimizers"], strict=True):
+        stored = state["auxiliaries"]
+        trained = sorted(name for name, aux in self.auxiliaries.items() if aux.trainable)
+        if sorted(stored) != trained:
+            raise AscError(f"{path}: holds auxiliary modules {sorted(stored)}, the hooks now have {trained}; "
+                           "resume with the run's own methods")
+        for name in trained:
+            self.auxiliaries[name].module.load_state_dict(stored[name])
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
-        self.scheduler.load_state_dict(state["scheduler"])
+        for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(scheduler_state)
         for hook, hook_state in zip(self.hooks, state["hooks"], strict=True):
             hook.load_state_dict(hook_state)
         self.epoch, self.step = state["epoch"], state["step"]
@@ -365,10 +507,16 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> Metrics:
         """Train to ``train.epochs`` (continuing from ``checkpoints/last.pt`` when resuming)."""
+        fresh = not resume and not self.run_dir.exists()
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(to_dict(self.config), self.run_dir / "config.yaml")
-        self._setup()
+        try:
+            self._setup()
+        except Exception:
+            if fresh and self.ctx.is_main:  # a bad model or data setting must not leave a half-made run
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         if resume:
             self._restore(load_checkpoint(self.checkpoint_dir / "last.pt", self.ctx.device))
         epochs = self.config.train.epochs
@@ -376,11 +524,17 @@ class Trainer:
         while self.epoch < epochs:
             loss = self._train_epoch(self.epoch)
             distributed.sync_buffers(self.ctx, self.model)
+            for aux in self.auxiliaries.values():
+                distributed.sync_buffers(self.ctx, aux.module)
             self.epoch += 1
             if self.ctx.is_main:
                 metrics = self.evaluate(self.data.eval)
                 entry = {"epoch": self.epoch, "step": self.step, "train_loss": loss,
-                         "lr": self.scheduler.get_last_lr()[0], **metrics.summary()}
+                         "lr": self.scheduler.get_last_lr()[0],
+                         "losses": {name: float(np.mean(values)) for name, values in self._terms.items()},
+                         **({"phases": {label: phase.name for label, phase in self.phases.items()}}
+                            if self.phases else {}),
+                         **metrics.summary()}
                 self.history.append(entry)
                 if self.best is None or metrics.accuracy > self.best["accuracy"]:
                     self.best = {"epoch": self.epoch, "accuracy": metrics.accuracy}
