@@ -16,7 +16,7 @@ Why our own quantizer instead of torchao's XNNPACK one: that one lives in ``torc
 marked deprecated, quantizes int8 activations (ORT x86 wants uint8, reference/compression.md
 §3.1) and matches excluded modules by exact type, so ``FreqNorm`` subclasses would slip through
 and get quantized inside. Fake-quant is the plain ``FakeQuantize``, not the fused op: the fused
-op computes per-channel symmetric scales for a [-127, 127] range differently from the observer
+op computes per-channel symmetric scales for a narrowed range differently from the observer
 that ``convert_pt2e`` asks, so training and the exported int8 weights would disagree by one step.
 """
 
@@ -106,11 +106,16 @@ def activation_spec(averaging: float) -> QuantizationSpec:
                                                           averaging_constant=averaging))
 
 
+WEIGHT_LEVELS = 64
+"""Weights train and ship in [-64, 64] (7 bits), as post-training int8 does (asc.export.onnx): on
+x86 CPUs without VNNI onnxruntime adds two uint8 x int8 products in a saturating int16, and
+255 * 64 * 2 fits where 255 * 127 * 2 does not (docs/export-latency.md §10)."""
+
 WEIGHT_SPEC = QuantizationSpec(
-    dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0,
-    observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver,
-                                                      averaging_constant=1.0, eps=2**-12))
-"""int8 per-output-channel symmetric in [-127, 127] (zero point 0), scales from the current weights."""
+    dtype=torch.int8, quant_min=-WEIGHT_LEVELS, quant_max=WEIGHT_LEVELS, qscheme=torch.per_channel_symmetric,
+    ch_axis=0, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver,
+                                                                 averaging_constant=1.0, eps=2**-12))
+"""int8 per-output-channel symmetric in [-64, 64] (zero point 0), scales from the current weights."""
 
 
 def float_scopes(model: nn.Module) -> set[str]:
