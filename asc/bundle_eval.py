@@ -3,7 +3,9 @@
 Each clip is classified the way ``asc classify`` does it (resampling, windowing, mean
 log-probability), so the numbers are what a phone computes, not what torch computes. The
 collection is read with the same ``data.*`` settings as training (TAU folder, table or folder
-tree). Like :mod:`asc.runtime`, this module never imports torch.
+tree). A bundle with device-specific models classifies each clip with its dataset device's model
+(the general one for other devices), as the DCASE 2025 system does. Like :mod:`asc.runtime`, this
+module never imports torch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from asc.train.metrics import Metrics, compute_metrics
 
 def evaluate_bundle(bundle_dir: Path, data: DataConfig, *, split: str = "evaluate", threads: int = 1,
                     progress: bool = True) -> Metrics:
-    """Metrics of an exported bundle on ``split`` of the collection ``data.root``."""
+    """Metrics of an exported bundle on ``split`` of the collection ``data.root``, each clip routed
+    to its device's model when the bundle has device models."""
     if data.root is None:
         raise AscError(f"{bundle_dir}: a bundle carries no dataset; give --data ROOT")
     classifier = Classifier(bundle_dir, threads=threads)
@@ -35,7 +38,8 @@ def evaluate_bundle(bundle_dir: Path, data: DataConfig, *, split: str = "evaluat
     if unlabelled := [clip for clip in clips if clip.label is None]:
         raise DatasetError(unlabelled[0].path, f"{len(unlabelled)} clip(s) of split '{split}' have no label",
                            "evaluate a labelled split, or use asc classify for unlabelled audio")
-    log_probs = np.stack([np.log(np.maximum(classifier.classify_file(clip.path).probabilities, 1e-12))
+    log_probs = np.stack([np.log(np.maximum(classifier.classify_file(clip.path, device=clip.device).probabilities,
+                                            1e-12))
                           for clip in tqdm(clips, desc="evaluate", leave=False, disable=not progress,
                                            dynamic_ncols=True)])
     targets = np.array([classifier.labels.index(clip.label) for clip in clips])

@@ -3,6 +3,9 @@
 Batch work over user files must not stop at the first bad one: each unreadable file becomes one
 :class:`Failure` line ("PATH: problem; fix") and the rest are still classified, so the caller can
 print every answer and then exit non-zero. Torch-free, like :mod:`asc.runtime` underneath it.
+
+With a bundle of device-specific models, every file is classified by one named device's model,
+or (``device="auto"``) by the model of the device its TAU-style name ends with.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from typing import Any, Literal
 import soundfile as sf
 from tqdm import tqdm
 
+from asc.data.clips import UNKNOWN_DEVICE
+from asc.data.tau import _segment_and_device
 from asc.errors import AscError, ConfigError
 from asc.runtime import Classifier, ClipResult, Prediction
 
 OutputFormat = Literal["table", "json", "csv"]
 FORMATS: tuple[str, ...] = ("table", "json", "csv")
+AUTO_DEVICE = "auto"  #: ``device`` value that reads each file's device from its name
 
 # Extensions searched for inside folders, keyed to the libsndfile container that reads them; only
 # those this soundfile build can decode are used. A file named on the command line is always tried.
@@ -86,6 +92,12 @@ def find_audio_files(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path
     return files, failures
 
 
+def file_device(path: str | os.PathLike[str]) -> str | None:
+    """The recording device a TAU-style file name ends with (``...-a.wav`` → ``a``), None without one."""
+    _, device = _segment_and_device(Path(path).name)
+    return None if device == UNKNOWN_DEVICE else device
+
+
 def classify_paths(
     classifier: Classifier,
     paths: Iterable[str | os.PathLike[str]],
@@ -93,11 +105,15 @@ def classify_paths(
     windows: bool = False,
     top_k: int = 3,
     progress: bool = True,
+    device: str | None = None,
 ) -> tuple[list[ClipResult], list[Failure]]:
     """Classify every audio file under ``paths``; bad files become failures, the rest go on.
 
-    Per-window answers are kept only with ``windows``, so a run over thousands of long files does
-    not hold every window in memory. The progress bar appears only once the work lasts a moment.
+    ``device`` names the recording device of every file (its model answers when the bundle has
+    one, else the general model); :data:`AUTO_DEVICE` takes each file's from its name
+    (:func:`file_device`). Per-window answers are kept only with ``windows``, so a run over
+    thousands of long files does not hold every window in memory. The progress bar appears only
+    once the work lasts a moment.
     """
     if top_k < 1:
         raise ConfigError(f"top_k={top_k} must be >= 1")
@@ -105,7 +121,8 @@ def classify_paths(
     results: list[ClipResult] = []
     for file in tqdm(files, desc="classify", unit="file", disable=not progress, delay=1.0, leave=False):
         try:
-            result = classifier.classify_file(file, top_k=top_k)
+            result = classifier.classify_file(
+                file, top_k=top_k, device=file_device(file) if device == AUTO_DEVICE else device)
         except AscError as error:
             failures.append(Failure(str(file), str(error)))
             continue
@@ -114,11 +131,12 @@ def classify_paths(
 
 
 def format_results(results: Sequence[ClipResult], fmt: OutputFormat = "table", *, windows: bool = False,
-                   failures: Sequence[Failure] = ()) -> str:
+                   failures: Sequence[Failure] = (), model: bool = False) -> str:
     """Render results as an aligned text table, a JSON array, or CSV with a header row.
 
     Each format carries the same facts: file, seconds, top label and probability, the other
-    top-k labels, warnings, and, with ``windows``, one extra row (or JSON object) per window.
+    top-k labels, warnings, and, with ``windows``, one extra row (or JSON object) per window;
+    with ``model`` (for a bundle with device models) also the model that answered.
     Machine-readable formats also carry every failed path with its error, so a script reading
     them sees every input; the table shows results only (errors go to stderr) and is empty,
     header included, when there are none.
@@ -126,13 +144,13 @@ def format_results(results: Sequence[ClipResult], fmt: OutputFormat = "table", *
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "json":
-        records = [_json_record(result, windows) for result in results]
+        records = [_json_record(result, windows, model) for result in results]
         records += [{"file": failure.path, "error": failure.message} for failure in failures]
         return json.dumps(records, indent=2) + "\n"
     k = max((len(result.top) for result in results), default=1)
     if fmt == "csv":
-        return _csv(results, windows, k, failures)
-    return _table(results, windows, k) if results else ""
+        return _csv(results, windows, k, failures, model)
+    return _table(results, windows, k, model) if results else ""
 
 
 # ----------------------------------------------------------------------------------- formats
@@ -150,9 +168,10 @@ def _json_top(top: tuple[Prediction, ...]) -> list[dict[str, Any]]:
     return [{"label": p.label, "probability": round(p.probability, 6)} for p in top]
 
 
-def _json_record(result: ClipResult, windows: bool) -> dict[str, Any]:
+def _json_record(result: ClipResult, windows: bool, model: bool) -> dict[str, Any]:
     record: dict[str, Any] = {
         "file": result.source,
+        **({"model": result.model} if model else {}),
         "duration": round(result.duration, 6),
         "label": result.label,
         "probability": round(result.probability, 6),
@@ -168,18 +187,18 @@ def _json_record(result: ClipResult, windows: bool) -> dict[str, Any]:
     return record
 
 
-def _csv(results: Sequence[ClipResult], windows: bool, k: int, failures: Sequence[Failure]) -> str:
+def _csv(results: Sequence[ClipResult], windows: bool, k: int, failures: Sequence[Failure], model: bool) -> str:
     """One row per clip (and window); a failed path is a row with only its file and error."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    header = ["file", "scope", "start", "end", "label", "probability"]
+    header = ["file", "scope", "start", "end", *(["model"] if model else []), "label", "probability"]
     for rank in range(2, k + 1):
         header += [f"label_{rank}", f"probability_{rank}"]
     header += ["warning", "error"]
     writer.writerow(header)
     for result in results:
         for scope, start, end, top in _rows(result, windows):
-            cells = [result.source, scope, f"{start:.3f}", f"{end:.3f}"]
+            cells = [result.source, scope, f"{start:.3f}", f"{end:.3f}", *([result.model] if model else [])]
             for prediction in top:
                 cells += [prediction.label, f"{prediction.probability:.6f}"]
             cells += [""] * (len(header) - 2 - len(cells))
@@ -189,15 +208,17 @@ def _csv(results: Sequence[ClipResult], windows: bool, k: int, failures: Sequenc
     return buffer.getvalue()
 
 
-def _table(results: Sequence[ClipResult], windows: bool, k: int) -> str:
-    """Left-aligned columns separated by two spaces; window rows leave the file column blank."""
-    header = ["file", "seconds", "label", "probability"] + ([f"top-{k}"] if k > 1 else [])
+def _table(results: Sequence[ClipResult], windows: bool, k: int, model: bool) -> str:
+    """Left-aligned columns separated by two spaces; window rows leave the file and model columns blank."""
+    header = ["file", "seconds", *(["model"] if model else []), "label", "probability"] + (
+        [f"top-{k}"] if k > 1 else [])
     lines = [header]
     for result in results:
         for scope, start, end, top in _rows(result, windows):
             file = result.source if scope == "clip" else ""
             seconds = f"{end:.2f}" if scope == "clip" else f"{start:.2f}-{end:.2f}"
-            row = [file, seconds, top[0].label, f"{top[0].probability:.3f}"]
+            row = [file, seconds, *([result.model if scope == "clip" else ""] if model else []), top[0].label,
+                   f"{top[0].probability:.3f}"]
             if k > 1:
                 row.append(", ".join(f"{p.label} {p.probability:.3f}" for p in top))
             lines.append(row)

@@ -691,8 +691,9 @@ def format_table(c: Complexity, rule_results: Sequence[RuleResult] = (), *, per_
 
 
 def bundle_complexity(bundle_dir: Path, input_shape: tuple[int, ...] | None = None,
-                      one_second_shape: tuple[int, ...] | None = None) -> Complexity:
-    """Counts of a bundle's model, with its clip and 1-s inputs read from ``bundle.json``.
+                      one_second_shape: tuple[int, ...] | None = None, *, model: str = "general") -> Complexity:
+    """Counts of one of a bundle's models (``general`` or a device's), with its clip and 1-s inputs
+    read from ``bundle.json``.
 
     A graph whose reshapes fix the time axis to the clip length (the exporter's static shapes)
     cannot take a 1-s input; its 1-s MACs are then the clip's scaled by the frame ratio (within a
@@ -701,6 +702,9 @@ def bundle_complexity(bundle_dir: Path, input_shape: tuple[int, ...] | None = No
     from asc.bundle_manifest import BundleManifest
 
     manifest = BundleManifest.read(bundle_dir)
+    if model not in manifest.models:
+        raise AscError(f"{Path(bundle_dir) / 'bundle.json'}: no model {model!r} (it has "
+                       f"{', '.join(manifest.models)}); name one of those")
     if manifest.frontend_in_graph:
         clip, second = (1, manifest.clip_samples), (1, manifest.sample_rate)
     else:
@@ -708,7 +712,7 @@ def bundle_complexity(bundle_dir: Path, input_shape: tuple[int, ...] | None = No
         clip = (1, 1, features.n_mels, features.num_frames(manifest.clip_samples))
         second = (1, 1, features.n_mels, features.num_frames(manifest.sample_rate))
     input_shape, one_second_shape = input_shape or clip, one_second_shape or second
-    path = Path(bundle_dir) / manifest.model_file
+    path = Path(bundle_dir) / manifest.models[model].model_file
     try:
         return onnx_complexity(path, input_shape, one_second_shape=one_second_shape)
     except AscError as error:
@@ -745,7 +749,28 @@ def run_complexity_command(target: Path, rules: list[str], per_layer: bool, *, c
     else:
         if weight_bytes is not None:
             raise ConfigError(f"{target}: an ONNX file stores its own dtypes; drop the weight width option")
-        c = (bundle_complexity(target, input_shape, one_second_shape) if kind == "bundle"
-             else onnx_complexity(target, input_shape, one_second_shape=one_second_shape))
+        if kind == "bundle":
+            _print_bundle(target, rules, per_layer, input_shape, one_second_shape)
+            return 0
+        c = onnx_complexity(target, input_shape, one_second_shape=one_second_shape)
     print(format_table(c, check_rules(c, rules), per_layer=per_layer))
     return 0
+
+
+def _print_bundle(bundle_dir: Path, rules: list[str], per_layer: bool, input_shape: tuple[int, ...] | None,
+                  one_second_shape: tuple[int, ...] | None) -> None:
+    """One block per model of the bundle (DCASE 2025: every device model must meet the limits on its own)."""
+    from asc.bundle_manifest import BundleManifest
+
+    names = list(BundleManifest.read(bundle_dir).models)
+    blocks, over = [], []
+    for name in names:
+        c = bundle_complexity(bundle_dir, input_shape, one_second_shape, model=name)
+        results = check_rules(c, rules)
+        over += [name] if any(result.passed is False for result in results) else []
+        block = format_table(c, results, per_layer=per_layer)
+        blocks.append(f"== model {name} ==\n{block}" if len(names) > 1 else block)
+    if len(names) > 1:
+        blocks.append(f"{len(names)} models: " + (f"over a limit: {', '.join(over)}" if over
+                                                  else "none over a limit"))
+    print("\n\n".join(blocks))

@@ -15,6 +15,10 @@ How a recording becomes one answer:
 5. average the windows' log-probabilities and renormalise. Treating windows as independent
    evidence about one scene, that is the normalised product of their probabilities (a geometric
    mean): a label wins by being likely in most windows, and the answer is still a distribution.
+
+A bundle with device-specific models (``bundle.json`` ``device_models``, DCASE 2025) answers with
+the recording device's own model when the caller names a device it knows, and with the general
+model otherwise; each device's session opens on first use, so an app serving one device loads one.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import onnxruntime as ort
 from scipy.special import log_softmax, softmax
 
 from asc.audio import fit_length, load_audio, resample
-from asc.bundle_manifest import BundleManifest
+from asc.bundle_manifest import GENERAL_MODEL, BundleManifest
 from asc.errors import AscError, ConfigError
 from asc.feature_spec import FastLogMel, FrontendArrays
 
@@ -90,6 +94,7 @@ class ClipResult(_Ranked):
     top: tuple[Prediction, ...]
     windows: tuple[WindowResult, ...]
     warnings: tuple[str, ...] = ()  #: why the answer may not mean much (too short, silent)
+    model: str = GENERAL_MODEL  #: which of the bundle's models answered: "general" or a device name
 
 
 SILENCE_DBFS = -80.0
@@ -146,10 +151,21 @@ def bundle_frontend(bundle_dir: PathLike, manifest: BundleManifest) -> FastLogMe
     return FastLogMel(manifest.features, arrays)
 
 
-class Classifier:
-    """An onnxruntime CPU session on a bundle folder, plus the windowing and aggregation around it.
+@dataclass(frozen=True)
+class _Graph:
+    """One opened model of the bundle: the file the session loaded and its fixed batch, if any."""
 
-    One session is created and reused, so opening costs once and each call only runs the model.
+    path: Path
+    session: ort.InferenceSession
+    fixed_batch: int | None
+
+
+class Classifier:
+    """onnxruntime CPU sessions on a bundle folder, plus the windowing and aggregation around them.
+
+    Each session is created once and reused, so opening costs once and each call only runs the
+    model. The general model's session opens with the classifier (a broken bundle fails here, not
+    at the first clip); a device model's opens the first time a clip of that device comes.
     ``threads`` is onnxruntime's intra-op thread count; the default 1 is what a phone app should
     start from (small CNNs gain little from more threads, and the app keeps cores for itself).
     ``hop_seconds`` defaults to the clip length: adjacent, non-overlapping windows.
@@ -181,9 +197,10 @@ class Classifier:
             self.clip_samples if hop_seconds is None else max(1, round(hop_seconds * self.sample_rate))
         )
         self._frontend = bundle_frontend(self.bundle_dir, self.manifest)
-        self.model_path, self._session = self._open_session(threads)
-        self._fixed_batch = self._check_io()
-        self._batch_size = self._fixed_batch or batch_size
+        self._check_input_shape()
+        self._threads, self._batch_size = threads, batch_size
+        self._graphs: dict[str, _Graph] = {}
+        self._graph(GENERAL_MODEL)
 
     @property
     def labels(self) -> list[str]:
@@ -197,28 +214,49 @@ class Classifier:
     def clip_samples(self) -> int:
         return self.manifest.clip_samples
 
-    def logits(self, clips: np.ndarray) -> np.ndarray:
+    @property
+    def model_path(self) -> Path:
+        """The file the general model's session loaded (the ORT file, ONNX file or xz container)."""
+        return self._graphs[GENERAL_MODEL].path
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Devices with their own model in this bundle (empty for an ordinary bundle)."""
+        return tuple(self.manifest.device_models)
+
+    @property
+    def open_models(self) -> dict[str, Path]:
+        """Models whose session is open, in first-use order, each with the file its session loaded."""
+        return {name: graph.path for name, graph in self._graphs.items()}
+
+    def model_for(self, device: str | None) -> str:
+        """The model that answers for ``device``: its own when the bundle has one, else ``general``."""
+        return self.manifest.model_for(device)
+
+    def logits(self, clips: np.ndarray, *, device: str | None = None) -> np.ndarray:
         """Model output ``(n, n_labels)`` for mono clips ``(n, clip_samples)`` at the bundle's rate.
 
-        Applies the front end here when the bundle's graph does not contain it, and runs in
-        batches so memory stays bounded on long recordings.
+        Runs ``device``'s model (:meth:`model_for`). Applies the front end here when the bundle's
+        graph does not contain it, and runs in batches so memory stays bounded on long recordings.
         """
         clips = np.asarray(clips, dtype=np.float32)
         if clips.ndim != 2 or clips.shape[1] != self.clip_samples:
             raise ConfigError(f"logits: expected clips of shape (n, {self.clip_samples}), got {clips.shape}")
+        graph = self._graph(self.model_for(device))
+        step = graph.fixed_batch or self._batch_size
         outputs = []
-        for first in range(0, len(clips), self._batch_size):
-            batch = clips[first : first + self._batch_size]
+        for first in range(0, len(clips), step):
+            batch = clips[first : first + step]
             real = len(batch)
-            if self._fixed_batch is not None and real < self._fixed_batch:
-                batch = np.pad(batch, ((0, self._fixed_batch - real), (0, 0)))
+            if graph.fixed_batch is not None and real < graph.fixed_batch:
+                batch = np.pad(batch, ((0, graph.fixed_batch - real), (0, 0)))
             model_input = batch if self._frontend is None else self._frontend(batch)
-            (output,) = self._session.run([self.manifest.output_name], {self.manifest.input_name: model_input})
+            (output,) = graph.session.run([self.manifest.output_name], {self.manifest.input_name: model_input})
             outputs.append(np.asarray(output, dtype=np.float32).reshape(len(batch), -1)[:real])
         logits = np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)), np.float32)
         if logits.shape[1] != len(self.labels):
             raise AscError(
-                f"{self.model_path}: model gives {logits.shape[1]} outputs but bundle.json lists "
+                f"{graph.path}: model gives {logits.shape[1]} outputs but bundle.json lists "
                 f"{len(self.labels)} labels; {_REEXPORT}"
             )
         return logits
@@ -230,8 +268,13 @@ class Classifier:
         *,
         top_k: int = 3,
         source: str = "<waveform>",
+        device: str | None = None,
     ) -> ClipResult:
-        """Classify ``(samples,)`` or ``(channels, samples)`` audio at any rate; channels are averaged."""
+        """Classify ``(samples,)`` or ``(channels, samples)`` audio at any rate; channels are averaged.
+
+        ``device`` (the recording device) picks its own model when the bundle has one; an unknown
+        device or None gets the general model. The result's ``model`` says which one answered.
+        """
         audio = np.asarray(waveform, dtype=np.float32)
         if audio.ndim not in (1, 2):
             raise AscError(f"{source}: expected (samples,) or (channels, samples) audio, got shape {audio.shape}; "
@@ -242,20 +285,21 @@ class Classifier:
             raise AscError(f"{source}: audio has no samples; pass a non-empty recording")
         if not np.isfinite(audio).all():
             raise AscError(f"{source}: audio contains NaN or infinite samples; fix the source signal")
-        return self._classify_mono(resample(audio, sample_rate, self.sample_rate), top_k, source)
+        return self._classify_mono(resample(audio, sample_rate, self.sample_rate), top_k, source, device)
 
-    def classify_file(self, path: PathLike, *, top_k: int = 3) -> ClipResult:
-        """Classify an audio file; any problem with the file is one :class:`~asc.errors.AudioError`."""
+    def classify_file(self, path: PathLike, *, top_k: int = 3, device: str | None = None) -> ClipResult:
+        """Classify an audio file with ``device``'s model (as :meth:`classify_waveform`); any problem
+        with the file is one :class:`~asc.errors.AudioError`."""
         audio, _ = load_audio(path, self.sample_rate, mono=True)
-        return self._classify_mono(audio, top_k, str(path))
+        return self._classify_mono(audio, top_k, str(path), device)
 
     # ------------------------------------------------------------------------------ internals
 
-    def _classify_mono(self, audio: np.ndarray, top_k: int, source: str) -> ClipResult:
+    def _classify_mono(self, audio: np.ndarray, top_k: int, source: str, device: str | None) -> ClipResult:
         starts = window_starts(len(audio), self.clip_samples, self.hop_samples)
         clips = np.stack([fit_length(audio[start : start + self.clip_samples], self.clip_samples)
                           for start in starts])
-        logits = self.logits(clips)
+        logits = self.logits(clips, device=device)
         log_probs = log_softmax(logits.astype(np.float64), axis=1)
         windows = tuple(
             WindowResult(
@@ -275,36 +319,40 @@ class Classifier:
             top=top_predictions(probabilities, self.labels, top_k),
             windows=windows,
             warnings=input_warnings(audio, self.sample_rate, self.clip_samples),
+            model=self.model_for(device),
         )
 
-    def _open_session(self, threads: int) -> tuple[Path, ort.InferenceSession]:
+    def _graph(self, name: str) -> _Graph:
+        """The open session of model ``name``, opened and checked on first use."""
+        if name not in self._graphs:
+            path, session = self._open_session(name)
+            self._graphs[name] = _Graph(path, session, self._check_io(path, session))
+        return self._graphs[name]
+
+    def _open_session(self, name: str) -> tuple[Path, ort.InferenceSession]:
         """Prefer the ORT-format file (faster load); fall back to the ONNX file if it will not load.
 
         An ORT-format file is tied to the onnxruntime version that wrote it, so a newer or older
         runtime may refuse it while the ONNX file still loads.
         """
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = self._threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: the runtime's own messages say what matters
-        model_path = self.manifest.model_path(self.bundle_dir)
-        ort_file = self.manifest.ort_file
+        model = self.manifest.models[name]
+        model_path, ort_file = model.model_path(self.bundle_dir), model.ort_file
         if ort_file and (self.bundle_dir / ort_file).is_file():
             try:
                 return self.bundle_dir / ort_file, _session(self.bundle_dir / ort_file, options)
             except AscError as error:
-                warnings.warn(f"{error}; using {model_path.name} instead", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"{error}; using {model_path.name} instead", RuntimeWarning, stacklevel=4)
         return model_path, _session(model_path, options)
 
-    def _check_io(self) -> int | None:
-        """Check the graph's input/output against bundle.json; return its fixed batch size, if any.
-
-        A graph exported with a fixed batch dimension runs exactly that many windows per call
-        (the last batch is zero-padded), whatever ``batch_size`` asks for.
-        """
-        manifest, where = self.manifest, self.model_path
+    def _check_input_shape(self) -> None:
+        """bundle.json's input shape must be what its clip length and front end give."""
+        manifest = self.manifest
         if manifest.frontend_in_graph:
             expected: list[int | str] = ["batch", self.clip_samples]
         else:
@@ -314,7 +362,15 @@ class Classifier:
                 f"{self.bundle_dir / 'bundle.json'}: input_shape {manifest.input_shape} does not match "
                 f"the clip length and front end (expected {expected}); {_REEXPORT}"
             )
-        inputs = self._session.get_inputs()
+
+    def _check_io(self, where: Path, session: ort.InferenceSession) -> int | None:
+        """Check a graph's input/output against bundle.json; return its fixed batch size, if any.
+
+        A graph exported with a fixed batch dimension runs exactly that many windows per call
+        (the last batch is zero-padded), whatever ``batch_size`` asks for.
+        """
+        manifest = self.manifest
+        inputs = session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != manifest.input_name:
             raise AscError(f"{where}: model inputs {[i.name for i in inputs]} are not [{manifest.input_name!r}] "
                            f"as bundle.json says; {_REEXPORT}")
@@ -323,7 +379,7 @@ class Classifier:
         if _dims(inputs[0].shape) != _dims(manifest.input_shape):
             raise AscError(f"{where}: model input shape {inputs[0].shape} differs from bundle.json's "
                            f"{manifest.input_shape}; {_REEXPORT}")
-        outputs = {output.name: output for output in self._session.get_outputs()}
+        outputs = {output.name: output for output in session.get_outputs()}
         if manifest.output_name not in outputs:
             raise AscError(f"{where}: no output named {manifest.output_name!r} (has {sorted(outputs)}); "
                            f"{_REEXPORT}")

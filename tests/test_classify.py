@@ -39,11 +39,13 @@ TONES = {"low": 250.0, "mid": 1200.0, "high": 5000.0}
 BAND_EDGES = (500.0, 2500.0)  # Hz between low|mid and mid|high
 
 
-def band_energy_model() -> onnx.ModelProto:
-    frames = FEATURES.num_frames(RATE)
+def band_energy_model(order: tuple[int, ...] = (0, 1, 2), gain: float = 1.0,
+                      batch: int | str = "batch", frames: int | None = None) -> onnx.ModelProto:
+    """``order`` permutes the outputs (output i scores band ``order[i]``), ``gain`` scales the logits."""
+    frames = frames or FEATURES.num_frames(RATE)
     centres = librosa.mel_frequencies(FEATURES.n_mels + 2, fmax=RATE / 2)[1:-1]
     group = np.digitize(centres, BAND_EDGES)  # 0 low, 1 mid, 2 high
-    weights = np.stack([(group == g) / (group == g).sum() for g in range(3)], axis=1) - 1 / FEATURES.n_mels
+    weights = np.stack([(group == g) / (group == g).sum() for g in order], axis=1) - 1 / FEATURES.n_mels
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMean", ["log_mel"], ["bands"], axes=[1, 3], keepdims=0),
@@ -51,28 +53,33 @@ def band_energy_model() -> onnx.ModelProto:
             helper.make_node("Mul", ["scores", "gain"], ["logits"]),
         ],
         "band_energy",
-        [helper.make_tensor_value_info("log_mel", TensorProto.FLOAT, ["batch", 1, FEATURES.n_mels, frames])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(LABELS)])],
+        [helper.make_tensor_value_info("log_mel", TensorProto.FLOAT, [batch, 1, FEATURES.n_mels, frames])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, len(LABELS)])],
         [numpy_helper.from_array(weights.astype(np.float32), "weights"),
-         numpy_helper.from_array(np.array(1.0, np.float32), "gain")],
+         numpy_helper.from_array(np.array(gain, np.float32), "gain")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(model)
     return model
 
 
+def write_band_bundle(folder: Path, model: onnx.ModelProto | None = None, *, features: FeatureConfig = FEATURES,
+                      **manifest: object) -> Path:
+    """A bundle folder of ``model`` (default: the band-energy classifier); ``manifest`` overrides bundle.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model or band_energy_model(), folder / "model.onnx")
+    FrontendArrays.compute(features).save(folder / FRONTEND_ARRAYS_NAME)
+    fields = {"labels": LABELS, "sample_rate": features.sample_rate, "clip_samples": RATE,
+              "frontend": features.to_dict(), "frontend_in_graph": False, "precision": "fp32", "input_name": "log_mel",
+              "input_shape": ["batch", 1, features.n_mels, features.num_frames(RATE)],
+              "frontend_file": FRONTEND_ARRAYS_NAME}
+    (folder / "bundle.json").write_text(BundleManifest(**{**fields, **manifest}).to_json())  # type: ignore[arg-type]
+    return folder
+
+
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
-    folder = tmp_path_factory.mktemp("band-bundle")
-    onnx.save(band_energy_model(), folder / "model.onnx")
-    FrontendArrays.compute(FEATURES).save(folder / FRONTEND_ARRAYS_NAME)
-    manifest = BundleManifest(
-        labels=LABELS, sample_rate=RATE, clip_samples=RATE, frontend=FEATURES.to_dict(), frontend_in_graph=False,
-        precision="fp32", input_name="log_mel", input_shape=["batch", 1, FEATURES.n_mels, FEATURES.num_frames(RATE)],
-        frontend_file=FRONTEND_ARRAYS_NAME,
-    )
-    (folder / "bundle.json").write_text(manifest.to_json())
-    return Classifier(folder)
+    return Classifier(write_band_bundle(tmp_path_factory.mktemp("band-bundle")))
 
 
 def tone(label: str, seconds: float, rate: int = RATE, channels: int = 1) -> np.ndarray:

@@ -10,7 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from asc.cli.common import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, Subparsers, add_command
+from asc.cli.common import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    Subparsers,
+    add_command,
+)
 from asc.errors import AscError
 
 
@@ -50,14 +56,18 @@ def bundle_for(target: Path, *, progress: bool) -> Path:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from asc.classify import classify_paths, format_results
+    from asc.classify import AUTO_DEVICE, classify_paths, format_results
     from asc.runtime import Classifier
 
     classifier = Classifier(bundle_for(args.target, progress=not args.quiet), threads=args.threads,
                             hop_seconds=args.hop)
+    if args.device not in (None, AUTO_DEVICE, *classifier.devices):
+        print(f"asc: warning: {classifier.bundle_dir}: no model for device {args.device!r} (device models: "
+              f"{', '.join(classifier.devices) or 'none'}); using the general model", file=sys.stderr)
     results, failures = classify_paths(classifier, args.paths, windows=args.windows, top_k=args.top_k,
-                                       progress=not args.quiet)
-    sys.stdout.write(format_results(results, args.format, windows=args.windows, failures=failures))
+                                       progress=not args.quiet, device=args.device)
+    sys.stdout.write(format_results(results, args.format, windows=args.windows, failures=failures,
+                                    model=bool(classifier.devices)))
     for result in results:
         for warning in result.warnings:
             print(f"asc: warning: {result.source}: {warning}", file=sys.stderr)
@@ -111,6 +121,11 @@ def register(sub: Subparsers) -> None:
     classify.add_argument("--top-k", type=int, default=3, help="labels to list per file")
     classify.add_argument("--hop", type=float, default=None, help="seconds between windows (default: a clip)")
     classify.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    classify.add_argument("--device", default=None, metavar="NAME",
+                          help="recording device of every file: a bundle with device models (asc bundle combine) "
+                          "answers with that device's model, the general one for other devices; 'auto' reads "
+                          "each file's device from its TAU-style name (...-a.wav); the output then has a model "
+                          "column")
 
     bench = add_command(
         sub, "bench", _bench, help="latency of a bundle on this CPU", quiet=False,

@@ -10,16 +10,15 @@ app ships when download size matters, unpacked once), ``model.ort`` and
 The folder appears only whole and only verified: everything is written into a hidden sibling
 folder, checked, and then renamed into place, so a failed or refused export leaves no partial
 bundle and keeps the previous one.
+
+One bundle per DCASE 2025 device model is exported here; :func:`asc.bundle_manifest.combine_bundles`
+(``asc bundle combine``, torch-free) then joins them with the general model's into one bundle.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +29,14 @@ import torch
 from torch import nn
 
 import asc
-from asc.bundle_manifest import MANIFEST_NAME, PARITY_NAME, BundleManifest, Precision
+from asc.bundle_manifest import (
+    MANIFEST_NAME,
+    PARITY_NAME,
+    BundleManifest,
+    Precision,
+    atomic_dir,
+    check_destination,
+)
 from asc.config import RunConfig, load_config
 from asc.data.clips import ClipSet
 from asc.data.loader import ClipDataset
@@ -63,7 +69,6 @@ from asc.export.verify import (
 )
 from asc.feature_spec import FRONTEND_ARRAYS_NAME, FrontendArrays
 from asc.features import FeatureConfig, LogMel
-from asc.io import default_mode
 from asc.models import FreqNorm
 from asc.train.data import clipset_devices, make_dataset, open_clipset, split_clips
 from asc.train.evaluate import load_run_model
@@ -153,41 +158,6 @@ def sample_clips(dataset: ClipDataset, count: int | None, *, split: str, seed: i
 
 
 # ---------------------------------------------------------------------------------------------
-# The bundle folder
-
-
-def _check_destination(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AscError(f"{out_dir}: is a file; give --out a folder path for the bundle")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise AscError(f"{out_dir}: exists and is not an asc bundle; choose a new or empty folder for --out")
-
-
-@contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a hidden sibling folder; on success it replaces ``out_dir`` (kept as is on failure)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    stage.chmod(default_mode(directory=True))  # mkdtemp makes it private; a bundle is meant to be shared
-    try:
-        yield stage
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old)
-            try:
-                os.replace(stage, out_dir)
-            except OSError:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(stage, out_dir)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
-
-
-# ---------------------------------------------------------------------------------------------
 # Export
 
 
@@ -240,7 +210,7 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision
     """
     _check_options(precision, frontend, calibration_clips, parity_clips, min_agreement)
     out_dir = Path(out_dir)
-    _check_destination(out_dir)
+    check_destination(out_dir)
     int8 = int8 or PrecisionPlan()
     in_graph = frontend == "in-graph"
     run.model.eval()  # not chained: an exported graph's eval() may return None
@@ -254,7 +224,7 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision
                           parity_clips, split=eval_split)
     deployed = "onnx_int8" if precision == "int8" else "onnx_fp32"
 
-    with tempfile.TemporaryDirectory(prefix="asc-export-") as tmp, _atomic_dir(out_dir) as stage:
+    with tempfile.TemporaryDirectory(prefix="asc-export-") as tmp, atomic_dir(out_dir) as stage:
         notes: list[str] = []
         built = _model_files(run, Path(tmp), quantize=precision == "int8" and not qat_graph, in_graph=in_graph,
                              int8=int8, clipset=clipset, calibration_clips=calibration_clips, notes=notes,
