@@ -23,7 +23,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from asc.data.clips import UNKNOWN_DEVICE
-from asc.data.tau import _segment_and_device
+from asc.data.tau import segment_and_device
 from asc.errors import AscError, ConfigError
 from asc.runtime import Classifier, ClipResult, Prediction
 
@@ -94,7 +94,7 @@ def find_audio_files(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path
 
 def file_device(path: str | os.PathLike[str]) -> str | None:
     """The recording device a TAU-style file name ends with (``...-a.wav`` → ``a``), None without one."""
-    _, device = _segment_and_device(Path(path).name)
+    _, device = segment_and_device(Path(path).name)
     return None if device == UNKNOWN_DEVICE else device
 
 

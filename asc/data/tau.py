@@ -156,7 +156,7 @@ def _count_table(
     ]
 
 
-def _segment_and_device(filename: str) -> tuple[str | None, str]:
+def segment_and_device(filename: str) -> tuple[str | None, str]:
     """``scene-city-location-segment[-index]-device`` → (everything before the device, device)."""
     stem = PurePosixPath(filename).stem
     if "-" not in stem:
@@ -166,7 +166,7 @@ def _segment_and_device(filename: str) -> tuple[str | None, str]:
 
 
 def _clip(root: Path, row: _Row, meta: _Row | None) -> Clip:
-    segment, device = _segment_and_device(row.filename)
+    segment, device = segment_and_device(row.filename)
     identifier = meta.identifier if meta is not None else row.identifier
     label = row.label if row.label is not None else (meta.label if meta is not None else None)
     return Clip(
@@ -360,7 +360,7 @@ def _check_devices(path: Path, meta: dict[str, _Row], problems: list[Problem]) -
         f"{row.filename} (source_label {row.source})"
         for row in meta.values()
         if row.source is not None
-        and _segment_and_device(row.filename)[1] not in (row.source, UNKNOWN_DEVICE)
+        and segment_and_device(row.filename)[1] not in (row.source, UNKNOWN_DEVICE)
     ]
     if disagree:
         message = f"{len(disagree)} file name device(s) disagree with source_label"
