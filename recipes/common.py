@@ -1,6 +1,7 @@
-"""What the DCASE recipes share: settings files, the numbered-stage runner, the data stage, and the
-Task 1 (2022+) pipeline of ensemble teachers → precomputed logits → distilled student → int8 QAT →
-complexity gate → int8 bundle → evaluation.
+"""What the DCASE recipes share: settings files, the numbered-stage runner, the data stage, the
+compress, export and results-table steps (the 2021 recipe uses these), and the Task 1 (2022+)
+pipeline of ensemble teachers → precomputed logits → distilled student → int8 QAT → complexity
+gate → int8 bundle → evaluation.
 
 A recipe is a folder with ``run.py`` and YAML settings; ``run.py`` puts ``recipes/`` on
 ``sys.path`` and imports this file as ``common``, because ``recipes/`` is not an installed package.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +30,7 @@ from asc.config import (
     to_dict,
 )
 from asc.errors import AscError, ConfigError
+from asc.threads import prefer_sleeping_openmp_waits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -128,11 +129,9 @@ def run_stages(argv: Sequence[str] | None, *, description: str, stages: Sequence
     if extra_arguments is not None:
         extra_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="asc.config.RunConfig overrides, or recipe.* settings")
+                        help="asc.config.RunConfig overrides, or recipe.* settings where the recipe has them")
     args = parser.parse_intermixed_args(None if argv is None else list(argv))  # overrides may follow options
-    # torch's OpenMP threads spin while they wait; on a shared CPU that stalls everyone (see the
-    # DCASE 2021 recipe). Stages import torch lazily, so this is in time; the user's setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    prefer_sleeping_openmp_waits()  # stages import torch lazily, so this is in time
     out = args.out or Path("runs") / (default_out + ("_quick" if args.quick else ""))
     options = Options(progress=not args.quiet, quick=args.quick)
     try:
@@ -274,13 +273,27 @@ def train_student(config: RunConfig, settings: Task1Settings, run: Path, logits:
     return train_or_resume(config, run, hooks=[hook], progress=progress)
 
 
-def export_int8(run_dir: Path, out_dir: Path, *, progress: bool) -> None:
-    """An int8 bundle of a QAT run; written even below the parity gate (marked forced, numbers in
-    parity.json), so the recipe always ends with a deployable model."""
-    from asc.export import export_trained, format_summary, open_run
+def compress(source: Path, run: Path, methods: Sequence[str], overrides: Sequence[str], what: str, *,
+             progress: bool) -> None:
+    """``asc compress`` of ``source`` into ``run`` (reused when finished, resumed when stopped), said in one line."""
+    from asc.compress.stage import compress_run
+
+    outcome = compress_run(source, run, methods, overrides, progress=progress)
+    print(f"{what}: {' + '.join(methods)} {outcome}: {run}")
+
+
+def export_bundle(run_dir: Path, out_dir: Path, *, progress: bool) -> None:
+    """A bundle of a run at the precision it was trained for: int8 for a QAT graph, else fp32.
+
+    int8 bundles are written even below the parity gate (marked forced, numbers in parity.json), so
+    the recipe always ends with every deployable model; post-training int8 of a float run is not
+    tried, since it misses that gate on x86 (docs/export-latency.md).
+    """
+    from asc.export import export_trained, format_summary, is_quantized_graph, open_run
 
     run = open_run(run_dir)
-    manifest = export_trained(run, out_dir, precision="int8", force=True, progress=progress)
+    int8 = is_quantized_graph(run.model)
+    manifest = export_trained(run, out_dir, precision="int8" if int8 else "fp32", force=int8, progress=progress)
     print(format_summary(out_dir, manifest))
 
 
@@ -294,25 +307,28 @@ class Row:
     unseen: float | None
     params: int | None = None
     kilobytes: float | None = None
+    nonzero_kilobytes: float | None = None
     mmacs: float | None = None
     within: bool | None = None
 
 
-def evaluate_rows(runs: dict[str, Path], rules: str, folder: Path, title: str, *, progress: bool) -> list[Row]:
-    """Evaluate every run on its eval split, write a report per run, return one row each."""
+def evaluate_rows(runs: dict[str, Path], split: str, rules: str, folder: Path, title: str, *,
+                  progress: bool) -> list[Row]:
+    """Evaluate every run on ``split``, write a report per run, return one row each."""
     from asc.complexity import check_rules, run_complexity
     from asc.report import write_report
     from asc.train.evaluate import evaluate_run
 
     rows = []
     for name, run in runs.items():
-        metrics = evaluate_run(run, progress=progress)
+        metrics = evaluate_run(run, split=split, progress=progress)
         size = run_complexity(run)
-        write_report(folder / name, metrics, extra={"run": str(run)}, title=f"{title}: {name}")
+        write_report(folder / name, metrics, extra={"run": str(run), "split": split}, title=f"{title}: {name}")
         unseen = metrics.per_group.get("unseen")
         within = all(r.passed for r in check_rules(size, rules))
         rows.append(Row(name, metrics.accuracy, metrics.macro_accuracy, unseen.accuracy if unseen else None,
-                        size.params, size.bytes / 1000, (size.macs_1s or 0) / 1e6, within))
+                        size.params, size.bytes / 1000, size.nonzero_bytes / 1000, (size.macs_1s or 0) / 1e6,
+                        within))
     return rows
 
 
@@ -330,17 +346,33 @@ def ensemble_row(name: str, logits: np.ndarray, config: RunConfig, *, progress: 
 
 
 def markdown_table(rows: Sequence[Row], rules: str) -> str:
+    """One line per row; a "non-zero kB" column where ``rules`` limit non-zero bytes (DCASE 2021:
+    pruned zeros are free there, so that is the size that counts)."""
+    from asc.complexity import RULE_SETS
+
     def pct(value: float | None) -> str:
         return "" if value is None else f"{100 * value:.1f}"
 
-    lines = [f"| model | accuracy % | macro accuracy % | unseen devices % | parameters | kB | MMACs / 1 s | {rules} |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    nonzero = any(limit.quantity == "nonzero_bytes" for limit in RULE_SETS[rules].limits)
+    sizes = ["parameters", *(["non-zero kB"] if nonzero else []), "kB", "MMACs / 1 s"]
+    lines = ["| model | accuracy % | macro accuracy % | unseen devices % | " + " | ".join(sizes) + f" | {rules} |",
+             "|---|---:|---:|---:|" + "---:|" * len(sizes) + "---|"]
     for r in rows:
-        size = ("", "", "", "") if r.params is None else (
-            f"{r.params:,}", f"{r.kilobytes:.1f}", f"{r.mmacs:.2f}", "within" if r.within else "OVER")
+        size = [""] * (len(sizes) + 1) if r.params is None else [
+            f"{r.params:,}", *([f"{r.nonzero_kilobytes:.1f}"] if nonzero else []), f"{r.kilobytes:.1f}",
+            f"{r.mmacs:.2f}", "within" if r.within else "OVER"]
         lines.append(f"| {r.name} | {pct(r.accuracy)} | {pct(r.macro_accuracy)} | {pct(r.unseen)} | "
                      + " | ".join(size) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_summary(rows: Sequence[Row], rules: str, folder: Path, heading: str) -> None:
+    """``folder/summary.md`` (the heading, then the table), and the table on stdout."""
+    table = markdown_table(rows, rules)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.md").write_text(f"# {heading}\n\n{table}")
+    print(table, end="")
+    print(f"reports: {folder}")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -420,12 +452,8 @@ def stage4_student(plan: Plan, out: Path, options: Options) -> None:
 
 
 def stage5_qat(plan: Plan, out: Path, options: Options) -> None:
-    from asc.compress.stage import compress_run
-
-    settings = plan.settings
-    outcome = compress_run(out / "student", out / "qat", settings.qat_methods, settings.qat_overrides,
-                           progress=options.progress)
-    print(f"qat: {' + '.join(settings.qat_methods)} {outcome}: {out / 'qat'}")
+    compress(out / "student", out / "qat", plan.settings.qat_methods, plan.settings.qat_overrides, "qat",
+             progress=options.progress)
 
 
 def stage6_export(plan: Plan, out: Path, options: Options) -> None:
@@ -434,25 +462,22 @@ def stage6_export(plan: Plan, out: Path, options: Options) -> None:
 
     gate(run_complexity(out / "qat"), plan.settings.rules, f"int8 student {out / 'qat'}",
          "retrain a smaller student (e.g. model.args.width); nothing was exported")
-    export_int8(out / "qat", out / "export" / "student", progress=options.progress)
+    export_bundle(out / "qat", out / "export" / "student", progress=options.progress)
 
 
 def stage7_evaluate(plan: Plan, out: Path, options: Options, title: str) -> list[Row]:
     """Teachers, their ensemble, the float and the int8 student on the eval split; summary.md."""
     import numpy as np
 
-    settings, config = plan.settings, plan.config
+    settings, config, split = plan.settings, plan.config, plan.config.data.eval_split
     teachers = {run.name: run for run in teacher_runs(settings, out / "teachers")}
-    rows = evaluate_rows(teachers, settings.rules, out / "evaluate", title, progress=options.progress)
-    ensemble = out / "teachers" / f"ensemble-{config.data.eval_split}.npy"
+    rows = evaluate_rows(teachers, split, settings.rules, out / "evaluate", title, progress=options.progress)
+    ensemble = out / "teachers" / f"ensemble-{split}.npy"
     if ensemble.is_file():
         rows.append(ensemble_row("ensemble", np.load(ensemble), config, progress=options.progress))
-    rows += evaluate_rows({"student-fp32": out / "student", "student-int8": out / "qat"}, settings.rules,
+    rows += evaluate_rows({"student-fp32": out / "student", "student-int8": out / "qat"}, split, settings.rules,
                           out / "evaluate", title, progress=options.progress)
-    table = markdown_table(rows, settings.rules)
-    (out / "evaluate").mkdir(parents=True, exist_ok=True)
-    (out / "evaluate" / "summary.md").write_text(f"# {title} on {config.data.eval_split}\n\n{table}")
-    print(table, end="")
+    write_summary(rows, settings.rules, out / "evaluate", f"{title} on {split}")
     return rows
 
 

@@ -35,6 +35,17 @@ def test_recipe_stages_run_skip_and_report(tmp_path: Path, capsys: pytest.Captur
     report = json.loads((out / "evaluate" / "uncompressed" / "report.json").read_text())
     trained = json.loads((out / "train" / "report.json").read_text())
     assert report["metrics"]["accuracy"] == pytest.approx(trained["metrics"]["accuracy"])
+    assert report["split"] == "evaluate"
+    # the table counts what DCASE 2021 limits, non-zero bytes, beside all bytes
+    cells = [line.strip("| ").split(" | ") for line in (out / "evaluate" / "summary.md").read_text().splitlines()
+             if line.startswith("| ")]
+    table = {row[0]: dict(zip(cells[0], row, strict=True)) for row in cells[1:]}
+    assert cells[0][-4:] == ["non-zero kB", "kB", "MMACs / 1 s", "dcase2021"]
+    assert table["uncompressed"]["accuracy %"] == f"{100 * report['metrics']['accuracy']:.1f}"
+    assert float(table["pqk"]["non-zero kB"]) < 0.5 * float(table["pqk"]["kB"])  # 86 % of the conv weights pruned
+    assert int(table["structured"]["parameters"].replace(",", "")) < int(
+        table["uncompressed"]["parameters"].replace(",", ""))
+    assert {row["dcase2021"] for row in table.values()} == {"within"}
     # compress: both variants finalized; export: one bundle per model, int8 for the compressed ones
     for variant in ("pqk", "structured"):
         assert (out / "compress" / variant / "finalized.pt2").is_file()
@@ -63,6 +74,15 @@ def test_recipe_rejects_unknown_overrides(tmp_path: Path, capsys: pytest.Capture
     recipe = load_recipe()
     assert recipe.main(["--out", str(tmp_path), "model.widht=3"]) == 2
     assert "unknown config key 'model.widht'" in capsys.readouterr().err
+    assert recipe.main(["--out", str(tmp_path), "recipe.splits=[5]"]) == 2  # the 2022+ recipes' section: not here
+    assert "no recipe.* settings" in capsys.readouterr().err
+
+
+def test_results_tables_show_the_sizes_their_rules_limit():
+    common = load_recipe().common
+    row = common.Row("m", 0.5, 0.4, None, params=1000, kilobytes=4.0, nonzero_kilobytes=1.5, mmacs=2.0, within=True)
+    assert common.markdown_table([row], "dcase2021").splitlines()[2] == "| m | 50.0 | 40.0 |  | 1,000 | 1.5 | 4.0 | 2.00 | within |"
+    assert common.markdown_table([row], "dcase2022").splitlines()[2] == "| m | 50.0 | 40.0 |  | 1,000 | 4.0 | 2.00 | within |"
 
 
 @pytest.mark.slow

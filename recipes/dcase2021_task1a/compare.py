@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from run import load_recipe_config
+# first: importing run.py prefers sleeping OpenMP waits before anything loads torch
+from run import run_settings
 
 from asc.errors import AscError, ConfigError
 from asc.io import atomic_write_text
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in variants.items():
             if args.variants and name not in args.variants:
                 continue
-            config = load_recipe_config(args.quick, args.data, args.out, [*args.overrides, *overrides])
+            config = run_settings(args.quick, args.data, args.out, [*args.overrides, *overrides])
             run = args.out / name.replace(" ", "_")
             print(f"=== {args.study}: {name}", flush=True)
             train_or_resume(config, run, progress=not args.quiet)

@@ -28,9 +28,8 @@ import common
 TITLE = "DCASE 2022 Task 1"
 
 
-def stage_evaluate(plan, out: Path, options) -> None:
+def stage_evaluate(plan: common.Plan, out: Path, options: common.Options) -> None:
     common.stage7_evaluate(plan, out, options, TITLE)
-    print(f"reports: {out / 'evaluate'}")
 
 
 STAGES = [*common.TASK1_STAGES, ("evaluate", stage_evaluate)]

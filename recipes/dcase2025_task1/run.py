@@ -65,15 +65,11 @@ def device_table(plan: common.Plan, device: str, path: Path) -> list[str]:
 
 def stage_devices(plan: common.Plan, out: Path, options: common.Options) -> None:
     """One copy of the distilled general student per training device, fine-tuned on its clips."""
-    from asc.compress.stage import compress_run
-
     settings = plan.settings
     for device in training_devices(plan):
         data = device_table(plan, device, out / "devices" / f"{device}.tsv")
-        run = out / "devices" / device
-        outcome = compress_run(out / "student", run, settings.device_methods, [*data, *settings.device_overrides],
-                               progress=options.progress)
-        print(f"device {device}: {' + '.join(settings.device_methods)} {outcome}: {run}")
+        common.compress(out / "student", out / "devices" / device, settings.device_methods,
+                        [*data, *settings.device_overrides], f"device {device}", progress=options.progress)
 
 
 def model_runs(plan: common.Plan, out: Path) -> dict[str, Path]:
@@ -90,7 +86,7 @@ def stage_export(plan: common.Plan, out: Path, options: common.Options) -> None:
         common.gate(run_complexity(run), plan.settings.rules, f"int8 model {name} ({run})",
                     "retrain a smaller student (e.g. model.args.width); nothing was exported")
     for name, run in runs.items():
-        common.export_int8(run, out / "export" / name, progress=options.progress)
+        common.export_bundle(run, out / "export" / name, progress=options.progress)
 
 
 def stage_evaluate(plan: common.Plan, out: Path, options: common.Options) -> None:
