@@ -10,8 +10,10 @@ Stages (``--stage N --stop-stage M``, each idempotent): 1 data → 2 teachers �
 5 qat (the 2022 pipeline on split25: the general int8 model) → 6 devices (one fine-tuned int8 copy of
 the general student per device of the training subset: int8 QAT + distillation from the general model
 on that device's clips) → 7 export (complexity gate on every model, since the budget holds per model;
-one int8 bundle each) → 8 evaluate (each clip by its device's model; unknown devices by the general
-model). Settings: ../dcase2022_task1/conf.yaml, this folder's conf.yaml, quick.yaml files with
+one int8 bundle each, then all of them combined into ``export/device-specific``, the one bundle a
+2025 system ships: the runtime routes each clip to its device's model) → 8 evaluate (each clip by its
+device's model, unknown devices by the general model; also through the combined bundle, as an app
+computes it). Settings: ../dcase2022_task1/conf.yaml, this folder's conf.yaml, quick.yaml files with
 --quick, then ``key=value``.
 """
 
@@ -77,6 +79,10 @@ def model_runs(plan: common.Plan, out: Path) -> dict[str, Path]:
     return {"general": out / "qat", **{device: out / "devices" / device for device in training_devices(plan)}}
 
 
+COMBINED = "device-specific"
+"""The combined bundle under ``export/``: the general model plus every device model."""
+
+
 def stage_export(plan: common.Plan, out: Path, options: common.Options) -> None:
     """The budget holds for each model on its own: gate each, then one int8 bundle per model."""
     from asc.complexity import run_complexity
@@ -87,6 +93,12 @@ def stage_export(plan: common.Plan, out: Path, options: common.Options) -> None:
                     "retrain a smaller student (e.g. model.args.width); nothing was exported")
     for name, run in runs.items():
         common.export_bundle(run, out / "export" / name, progress=options.progress)
+    from asc.bundle_manifest import combine_bundles
+
+    combined = out / "export" / COMBINED
+    combine_bundles(out / "export" / "general", {d: out / "export" / d for d in runs if d != "general"}, combined)
+    print(f"{combined}: one bundle, general model + {len(runs) - 1} device models "
+          f"(asc classify {combined} PATH... --device auto)")
 
 
 def stage_evaluate(plan: common.Plan, out: Path, options: common.Options) -> None:
@@ -108,6 +120,16 @@ def stage_evaluate(plan: common.Plan, out: Path, options: common.Options) -> Non
     chosen = np.stack([logits[clip.path] for clip in general.clips])
     both = {"general": general.metrics(), "device-specific": compute_metrics(chosen, general.targets, devices,
                                                                            general.labels)}
+    combined = out / "export" / COMBINED
+    if (combined / "bundle.json").is_file():  # what the shipped int8 bundle gives, routed by the runtime
+        from dataclasses import replace
+
+        from asc.bundle_eval import evaluate_bundle
+        from asc.train.data import dataset_root
+
+        data = replace(plan.config.data, root=str(dataset_root(plan.config.data)))
+        both["device-specific bundle (int8 runtime)"] = evaluate_bundle(combined, data, split=data.eval_split,
+                                                                        progress=options.progress)
     for name, metrics in both.items():
         write_report(out / "evaluate" / name, metrics, extra={"runs": {k: str(v) for k, v in runs.items()}},
                      title=f"{TITLE}: {name}")
