@@ -32,6 +32,8 @@ FAST = {  # one epoch, the smallest settings that still exercise every method
     "kd": ["kd.weight=1"],
     "pqk": ["pqk.sparsity=0.5", "pqk.freeze_bn_epochs=0", "pqk.freeze_observer_epochs=0"],
     "psg": ["psg.bits=4"],
+    "map": ["map.sparsity=0.5", "map.every=2"],
+    "qkd": ["qkd.bits=4"],
 }
 
 

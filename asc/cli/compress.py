@@ -37,7 +37,7 @@ def register(sub: Subparsers) -> None:
         "docs/compression.md lists the methods, their options and phases.")
     parser.add_argument("run", type=Path, help="trained run folder")
     parser.add_argument("--method", action="append", required=True, metavar="NAME",
-                        help="compression method (e.g. pqk, structured, prune, qat, kd); repeat to compose "
+                        help="compression method (structured, prune, qat, kd, pqk, psg, map, qkd, ...); repeat to compose "
                         "(--method structured --method qat --method kd); an unknown name lists the valid ones")
     parser.add_argument("--out", type=Path, default=None, help="new run folder (default: RUN-METHODS beside RUN)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run settings and method options")

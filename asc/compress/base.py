@@ -107,12 +107,18 @@ def register(cls: M) -> M:
 
 
 def method_classes() -> dict[str, type[Method]]:
-    """Every registered method by name, after importing each module of ``asc.compress``."""
+    """Every registered method by name, after importing each module of ``asc.compress``.
+
+    The building blocks (``asc.compress.methods``) come first, then the other method files in name
+    order, so listings and error messages read the same however the modules were imported before.
+    """
     import asc.compress
 
+    importlib.import_module("asc.compress.methods")
     for module in pkgutil.iter_modules(asc.compress.__path__, "asc.compress."):
         importlib.import_module(module.name)
-    return dict(_REGISTRY)
+    blocks = [name for name, cls in _REGISTRY.items() if cls.__module__ == "asc.compress.methods"]
+    return {name: _REGISTRY[name] for name in [*blocks, *sorted(set(_REGISTRY) - set(blocks))]}
 
 
 def parse_options(cls: type[T], options: Mapping[str, Any], method: str) -> T:
