@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from compress_resume import assert_same_tensors, kill_and_resume
 from torch import nn
 
 from asc.compress.base import StageContext
@@ -28,7 +29,7 @@ from asc.models import BCResNetMod
 from asc.train.checkpoint import FINALIZED_NAME, load_checkpoint
 from asc.train.evaluate import evaluate_run, load_run_model
 from asc.train.hooks import phase_starts
-from asc.train.loop import Trainer, parameter_digest, train_or_resume
+from asc.train.loop import parameter_digest, train_or_resume
 
 SHAPE = (1, 32, 40)
 
@@ -248,31 +249,11 @@ MAP_RUN = ["train.epochs=3", "train.batch_size=16", "optim.lr=0.01", "map.sparsi
 @pytest.mark.slow
 def test_map_killed_mid_exploration_resumes_to_the_same_weights(source_run: Path, monkeypatch):
     """Phases: exploration = epochs 0-1, exploitation = epoch 2; the stop comes after epoch 1 (mid exploration)."""
-    straight, stopped = source_run.with_name("map-straight"), source_run.with_name("map-stopped")
-    assert compress_run(source_run, straight, ["map"], MAP_RUN, progress=False) == "compressed"
-
-    original = Trainer._write_epoch
-
-    def write_then_die(self, metrics):
-        original(self, metrics)
-        if self.epoch == 1:
-            raise KeyboardInterrupt  # the checkpoint of epoch 1 is on disk, like after a SIGKILL
-
-    monkeypatch.setattr(Trainer, "_write_epoch", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        compress_run(source_run, stopped, ["map"], MAP_RUN, progress=False)
-    monkeypatch.undo()
-    assert load_checkpoint(stopped / "checkpoints" / "last.pt")["epoch"] == 1
-    assert compress_run(source_run, stopped, ["map"], MAP_RUN, progress=False) == "resumed"
-
-    a = load_checkpoint(straight / "checkpoints" / "last.pt")
-    b = load_checkpoint(stopped / "checkpoints" / "last.pt")
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=0, atol=0, msg=name)
-    masks_a, masks_b = a["hooks"][0]["pruning"]["masks"], b["hooks"][0]["pruning"]["masks"]
-    assert all(torch.equal(masks_a[name], masks_b[name]) for name in masks_a)
+    run = kill_and_resume(source_run, ["map"], MAP_RUN, 1, monkeypatch, "map")
+    a, b = run.straight_state, run.resumed_state
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["hooks"][0]["pruning"]["masks"], b["hooks"][0]["pruning"]["masks"])
     assert [h["phases"]["map"] for h in b["history"]] == [EXPLORATION, EXPLORATION, EXPLOITATION]
     assert [h["losses"] for h in b["history"]] == [h["losses"] for h in a["history"]]
-    twin_a, twin_b = load_run_model(straight, "float")[0], load_run_model(stopped, "float")[0]
+    twin_a, twin_b = load_run_model(run.straight, "float")[0], load_run_model(run.stopped, "float")[0]
     assert parameter_digest(twin_a) == parameter_digest(twin_b)  # the finalized weights, bit for bit

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from compress_resume import assert_same_tensors, kill_and_resume
 
 from asc.compress.base import StageContext
 from asc.compress.qkd import (
@@ -209,43 +210,11 @@ RESUME_RUN = ["train.epochs=2", "optim.lr=0.01", "qkd.self_study=0", "qkd.co_stu
 def test_qkd_killed_mid_co_study_resumes_to_the_same_weights(runs, monkeypatch):
     """Both epochs in co-study (student, steps, teacher and its optimizer all move); the stop comes after epoch 1."""
     student, teacher = runs
-    overrides = [f"qkd.teacher={teacher}", *RESUME_RUN]
-    straight, stopped = student.with_name("qkd-straight"), student.with_name("qkd-stopped")
-    assert compress_run(student, straight, ["qkd"], overrides, progress=False) == "compressed"
-
-    original = Trainer._write_epoch
-
-    def write_then_die(self, metrics):
-        original(self, metrics)
-        if self.epoch == 1:
-            raise KeyboardInterrupt  # the checkpoint of epoch 1 is on disk, like after a SIGKILL
-
-    monkeypatch.setattr(Trainer, "_write_epoch", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        compress_run(student, stopped, ["qkd"], overrides, progress=False)
-    monkeypatch.undo()
-    assert load_checkpoint(stopped / "checkpoints" / "last.pt")["epoch"] == 1
-    assert compress_run(student, stopped, ["qkd"], overrides, progress=False) == "resumed"
-
-    a = load_checkpoint(straight / "checkpoints" / "last.pt")
-    b = load_checkpoint(stopped / "checkpoints" / "last.pt")
+    run = kill_and_resume(student, ["qkd"], [f"qkd.teacher={teacher}", *RESUME_RUN], 1, monkeypatch, "qkd")
+    a, b = run.straight_state, run.resumed_state
     for key in ("model", "auxiliaries"):
-        flat_a, flat_b = _flatten(a[key]), _flatten(b[key])
-        assert flat_a.keys() == flat_b.keys()
-        for name in flat_a:
-            torch.testing.assert_close(flat_a[name], flat_b[name], rtol=0, atol=0, msg=name)
+        assert_same_tensors(a[key], b[key])
     assert [h["phases"]["qkd"] for h in b["history"]] == ["co-study", "co-study"]
     assert [h["losses"] for h in b["history"]] == [h["losses"] for h in a["history"]]
-    report_a = json.loads((straight / "report.json").read_text())["metrics"]
-    report_b = json.loads((stopped / "report.json").read_text())["metrics"]
+    report_a, report_b = run.reports()
     assert report_a["accuracy"] == report_b["accuracy"]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

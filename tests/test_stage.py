@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from compress_resume import assert_same_tensors, kill_and_resume
 from torch import nn
 
 from asc.cli import main
 from asc.compress import base
 from asc.compress.kd import Distillation, OnlinePeers
-from asc.compress.stage import build_methods, compose, compress_run
+from asc.compress.stage import build_methods, compose
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.models import BCResNet, BCResNetMod, build_model
@@ -245,44 +246,13 @@ PQK_RUN = ["train.epochs=3", "optim.lr=0.01", "pqk.sparsity=0.7", "pqk.prune_end
 @pytest.mark.slow
 def test_pqk_killed_mid_phase_resumes_to_the_same_weights(source_run: Path, monkeypatch):
     """Phases: prune-quantize = epoch 0, self-distil = epochs 1-2; the stop comes after epoch 2 (mid self-distil)."""
-    straight, stopped = source_run.with_name("pqk-straight"), source_run.with_name("pqk-stopped")
-    assert compress_run(source_run, straight, ["pqk"], PQK_RUN, progress=False) == "compressed"
-
-    original = Trainer._write_epoch
-
-    def write_then_die(self, metrics):
-        original(self, metrics)
-        if self.epoch == 2:
-            raise KeyboardInterrupt  # the checkpoint of epoch 2 is on disk, like after a SIGKILL
-
-    monkeypatch.setattr(Trainer, "_write_epoch", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        compress_run(source_run, stopped, ["pqk"], PQK_RUN, progress=False)
-    monkeypatch.undo()
-    assert load_checkpoint(stopped / "checkpoints" / "last.pt")["epoch"] == 2
-    assert compress_run(source_run, stopped, ["pqk"], PQK_RUN, progress=False) == "resumed"
-
-    a = load_checkpoint(straight / "checkpoints" / "last.pt")
-    b = load_checkpoint(stopped / "checkpoints" / "last.pt")
+    run = kill_and_resume(source_run, ["pqk"], PQK_RUN, 2, monkeypatch, "pqk")
+    a, b = run.straight_state, run.resumed_state
     for key in ("model", "auxiliaries"):
-        flat_a, flat_b = _flatten(a[key]), _flatten(b[key])
-        assert flat_a.keys() == flat_b.keys()
-        for name in flat_a:
-            torch.testing.assert_close(flat_a[name], flat_b[name], rtol=0, atol=0, msg=name)
+        assert_same_tensors(a[key], b[key])
     assert [h["phases"]["pqk"] for h in b["history"]] == ["prune-quantize", "self-distil", "self-distil"]
     assert [h["losses"] for h in b["history"]] == [h["losses"] for h in a["history"]]
     assert set(b["history"][2]["losses"]) == {"task", "pqk.kd", "pqk.teacher"}
-    report_a = json.loads((straight / "report.json").read_text())["metrics"]
-    report_b = json.loads((stopped / "report.json").read_text())["metrics"]
+    report_a, report_b = run.reports()
     assert report_a["accuracy"] == report_b["accuracy"]
     assert report_a["log_loss"] == pytest.approx(report_b["log_loss"], abs=1e-9)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
