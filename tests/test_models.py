@@ -162,7 +162,7 @@ def test_indivisible_frequency_size_is_a_config_error() -> None:
 
 
 def test_registry_builds_each_model() -> None:
-    assert model_names() == ("bcresnet", "bcresnet_mod", "dcase2021_baseline")
+    assert model_names() == ("bcresnet", "bcresnet_mod", "dcase2021_baseline", "dcase2024_baseline")
     assert isinstance(build_model("bcresnet", 12), BCResNet)
     model = build_model("bcresnet_mod", 7, width=10, freq_norm="rfn", freq_norm_lambda=0.25)
     assert isinstance(model, BCResNetMod) and model.input_norm.lam == 0.25

@@ -2,6 +2,7 @@
 
 from asc.models.baseline import DCASE2021Baseline, keras_param_count
 from asc.models.bcresnet import BCResBlock, BCResNet, BCResNetMod
+from asc.models.cpmobile import CPMobile, CPMobileBlock, make_divisible
 from asc.models.norms import (
     FreqNorm,
     InstanceFreqNorm,
@@ -19,6 +20,8 @@ __all__ = [
     "BCResBlock",
     "BCResNet",
     "BCResNetMod",
+    "CPMobile",
+    "CPMobileBlock",
     "DCASE2021Baseline",
     "FreqNorm",
     "InstanceFreqNorm",
@@ -29,6 +32,7 @@ __all__ = [
     "build_model",
     "freq_norm",
     "keras_param_count",
+    "make_divisible",
     "model_names",
     "model_options",
     "norm_factory",

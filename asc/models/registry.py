@@ -10,11 +10,13 @@ from torch import nn
 from asc.errors import ConfigError
 from asc.models.baseline import DCASE2021Baseline
 from asc.models.bcresnet import BCResNet, BCResNetMod
+from asc.models.cpmobile import CPMobile
 
 _MODELS: dict[str, type[nn.Module]] = {
     "bcresnet": BCResNet,
     "bcresnet_mod": BCResNetMod,
     "dcase2021_baseline": DCASE2021Baseline,
+    "dcase2024_baseline": CPMobile,  # simplified CP-Mobile, published defaults (also the 2025 baseline)
 }
 
 
