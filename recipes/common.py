@@ -66,6 +66,7 @@ class Task1Settings:
     #: DCASE 2025: how each known device's copy of the general student is fine-tuned (asc compress)
     device_methods: list[str] = field(default_factory=lambda: ["qat", "kd"])
     device_overrides: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)  #: DCASE 2025: devices that get a model (default: all trained on)
     weight_bytes: int = 1  #: bytes per weight of the deployed student (int8)
 
     def __post_init__(self) -> None:

@@ -234,3 +234,28 @@ def test_2024_recipe_tabulates_every_split(tmp_path: Path, capsys: pytest.Captur
     rows = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| 50 %", "| 100 %", "| mean"]
     assert rows[1].split(" | ")[1] == "120" and rows[2].split(" | ")[1] == "140"
+
+
+@pytest.mark.slow
+def test_2025_recipe_ships_one_bundle_that_routes_by_device(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = load_recipe("dcase2025_task1")
+    out = tmp_path / "r"
+    args = ["--quick", "--quiet", "--out", str(out), f"data.cache_dir={tmp_path / 'cache'}", *TINY,
+            "recipe.devices=[a,s1]",
+            "recipe.device_overrides=[train.epochs=1,train.batch_size=8,qat.freeze_bn_epochs=0,qat.freeze_observer_epochs=0]"]
+    assert recipe.main(args) == 0
+    printed = capsys.readouterr().out
+    assert all(f"=== stage {n}: " in printed for n in range(1, 9))
+    combined = out / "export" / "device-specific"
+    manifest = json.loads((combined / "bundle.json").read_text())
+    assert sorted(manifest["device_models"]) == ["a", "s1"] and manifest["precision"] == "int8"
+    rows = {line.split(" | ")[0].strip("| "): line for line in (out / "evaluate" / "summary.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| model")}
+    assert set(rows) == {"general", "device-specific", "device-specific bundle (int8 runtime)"}
+    # devices without a model (b, c, s2-s6) score as the general model does; the shipped bundle as torch does
+    general, routed = rows["general"].split(" | ")[1:10], rows["device-specific"].split(" | ")[1:10]
+    without_model = [1, 2, 4, 5, 6, 7, 8]  # b, c, s2-s6 of a, b, c, s1, ..., s6
+    assert [general[i] for i in without_model] == [routed[i] for i in without_model]
+    assert rows["device-specific bundle (int8 runtime)"].split(" | ")[1:] == rows["device-specific"].split(" | ")[1:]
+    assert recipe.main([*args[:-2], "recipe.devices=[s4]"]) == 2  # s4 has no training clips: one line, exit 2
+    assert "recipe.devices: ['s4'] have no clips in split25" in capsys.readouterr().err

@@ -33,12 +33,20 @@ TABLE_COLUMNS = ("filename", "scene_label", "device", "split")
 
 
 def training_devices(plan: common.Plan) -> list[str]:
-    """The devices of the training subset, in DCASE order: the ones that get their own model."""
+    """The devices that get their own model, in DCASE order: ``recipe.devices``, else every device of
+    the training subset (a device without training clips has nothing to specialise on)."""
     from asc.data.clips import device_vocabulary
+    from asc.errors import ConfigError
     from asc.train.data import open_clipset, split_clips
 
     clipset = open_clipset(plan.config.data, progress=False)
-    return device_vocabulary(clip.device for clip in split_clips(clipset, plan.config.data.train_split))
+    trained = device_vocabulary(clip.device for clip in split_clips(clipset, plan.config.data.train_split))
+    chosen = plan.settings.devices or trained
+    unknown = sorted(set(chosen) - set(trained))
+    if unknown:
+        raise ConfigError(f"recipe.devices: {unknown} have no clips in {plan.config.data.train_split}; "
+                          f"choose among {', '.join(trained)}")
+    return [device for device in trained if device in chosen]
 
 
 def device_table(plan: common.Plan, device: str, path: Path) -> list[str]:
