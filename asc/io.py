@@ -15,11 +15,23 @@ from pathlib import Path
 from typing import Any
 
 
-def default_mode(*, directory: bool = False) -> int:
-    """The mode ``open``/``mkdir`` would give a new file or folder under the process's umask."""
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (other threads may be
+    creating files); elsewhere by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     umask = os.umask(0o022)
     os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
+    return umask
+
+
+def default_mode(*, directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give a new file or folder under the process's umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 @contextmanager

@@ -355,8 +355,9 @@ def int8_pair_peak(model: onnx.ModelProto) -> int:
     """
     peak = 0
     for weight in int8_weights(model).values():
-        magnitudes = np.sort(np.abs(weight.astype(np.int32)).ravel())
-        peak = max(peak, 255 * int(magnitudes[-2:].sum()))
+        magnitudes = np.abs(weight.astype(np.int32)).ravel()
+        top_two = np.partition(magnitudes, -2)[-2:] if magnitudes.size > 1 else magnitudes
+        peak = max(peak, 255 * int(top_two.sum()))
     return peak
 
 
