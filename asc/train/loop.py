@@ -37,12 +37,17 @@ from asc.models import build_model
 from asc.models.registry import feature_taps
 from asc.train import distributed
 from asc.train.checkpoint import load_checkpoint, save_checkpoint
-from asc.train.data import (clip_samples, clipset_devices, make_dataset, open_clipset,
-                            split_clips)
+from asc.train.data import (
+    clip_samples,
+    clipset_devices,
+    make_dataset,
+    open_clipset,
+    split_clips,
+)
 from asc.train.evaluate import predict_logits
 from asc.train.hooks import Auxiliary, Phase, TrainHook, phase_at, phase_starts
-from asc.train.translation import needs_waveform, translation_for_run
 from asc.train.metrics import Metrics, compute_metrics
+from asc.train.translation import needs_waveform, translation_for_run
 
 CHECKPOINT_FORMAT = 2  #: 2: optimizers/schedulers per step order and auxiliary modules
 
@@ -153,7 +158,7 @@ class Trainer:
         self.phases: dict[str, Phase] = {}  #: current phase of every hook that declares phases
         self._taps: dict[str, Tensor] = {}
         self._tapping = False
-        self._terms: dict[str, list[float]] = {}
+        self._terms: dict[str, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -278,10 +283,11 @@ class Trainer:
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in self.optimizers]
         main = sorted(groups).index(0)
         self.optimizer, self.scheduler = self.optimizers[main], self.schedulers[main]
+        self._trained = [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """Every parameter an optimizer updates: the model's and the trainable auxiliaries'."""
-        return [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
+        return self._trained
 
     def _train_loader(self, epoch: int) -> DataLoader:
         config = self.config
@@ -332,14 +338,14 @@ class Trainer:
         for hook in self.hooks:
             hook.after_backward(self)
         if self.config.optim.grad_clip:
-            nn.utils.clip_grad_norm_(self.trained_parameters(), self.config.optim.grad_clip)
+            nn.utils.clip_grad_norm_(self._trained, self.config.optim.grad_clip)
         for opt in self.optimizers:
             opt.step()
         for scheduler in self.schedulers:
             scheduler.step()
         self.step += 1
         for name, term in terms.items():
-            self._terms.setdefault(name, []).append(float(term.detach()))
+            self._terms.setdefault(name, []).append(term.detach())  # to floats once an epoch: no sync per step
         for hook in self.hooks:
             hook.after_step(self)
         return float(loss.detach())
@@ -531,7 +537,8 @@ class Trainer:
                 metrics = self.evaluate(self.data.eval)
                 entry = {"epoch": self.epoch, "step": self.step, "train_loss": loss,
                          "lr": self.scheduler.get_last_lr()[0],
-                         "losses": {name: float(np.mean(values)) for name, values in self._terms.items()},
+                         "losses": {name: float(torch.stack(values).double().mean())
+                                    for name, values in self._terms.items()},
                          **({"phases": {label: phase.name for label, phase in self.phases.items()}}
                             if self.phases else {}),
                          **metrics.summary()}
