@@ -73,13 +73,17 @@ class FreqNorm(nn.Module, ABC):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype in (torch.bfloat16, torch.float16):  # CUDA autocast: E[d^2] - E[d]^2 needs float32 digits
+            x = x.float()
         shift = x[:, :1, :, :1].detach()
         d = x - shift
         mean = d.mean(dim=3, keepdim=True).mean(dim=1, keepdim=True)
         mean_sq = (d * d).mean(dim=3, keepdim=True).mean(dim=1, keepdim=True)
         var = (mean_sq - mean * mean).clamp(min=0.0)
         scale, offset = self.coefficients(shift, mean, var)
-        return d * scale + offset
+        y = d * scale + offset
+        return y if y.dtype == dtype else y.to(dtype)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
