@@ -34,6 +34,7 @@ FAST = {  # one epoch, the smallest settings that still exercise every method
     "psg": ["psg.bits=4"],
     "map": ["map.sparsity=0.5", "map.every=2"],
     "qkd": ["qkd.bits=4"],
+    "ppp": ["ppp.sparsity=1.0", "ppp.gate_lr=1000"],
 }
 
 
