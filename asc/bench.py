@@ -1,9 +1,9 @@
 """Latency of an exported bundle on this machine: per-clip time, real-time factor, load time, front-end share.
 
 Torch-free (numpy, scipy, onnxruntime, librosa through :mod:`asc.feature_spec`), so it runs where the
-bundle is deployed. The machine this project runs on is shared, so every comparison inside one
-thread count is timed round-robin (each repetition runs every variant once): a load spike then
-slows all of them alike instead of one.
+bundle is deployed. The machine this project runs on is shared, so everything is timed in one
+round-robin loop (each repetition runs every variant at every thread count once): a load spike
+then slows all of them alike instead of one, and the thread-count policy compares like with like.
 
 What is timed for one clip of the bundle's length, batch 1:
 
@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -30,9 +31,11 @@ import onnxruntime as ort
 from onnx import helper
 
 from asc.bundle_manifest import BundleManifest
-from asc.errors import AscError, ConfigError
+from asc.errors import ConfigError
 from asc.feature_spec import FastLogMel
-from asc.runtime import bundle_frontend
+from asc.runtime import bundle_frontend, model_bytes, open_session, session_options
+
+K = TypeVar("K", bound=Hashable)
 
 FRONTEND_PREFIX = "frontend."
 """Node-name prefix of the front end inside an in-graph bundle (``asc.export.onnx.compose_frontend``)."""
@@ -45,11 +48,13 @@ class Timing:
     median_ms: float
     p90_ms: float
     runs: int
+    #: the fast tail: on a shared machine, what a run gets when nothing else holds the core
+    p10_ms: float = float("nan")
 
     @classmethod
     def of(cls, seconds: Sequence[float]) -> Timing:
         ms = np.asarray(seconds, dtype=np.float64) * 1e3
-        return cls(float(np.median(ms)), float(np.percentile(ms, 90)), len(ms))
+        return cls(float(np.median(ms)), float(np.percentile(ms, 90)), len(ms), float(np.percentile(ms, 10)))
 
 
 @dataclass(frozen=True)
@@ -91,39 +96,71 @@ class BundleBench:
     results: tuple[ThreadResult, ...]
     loads: tuple[LoadTiming, ...]
 
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """The options the runtime uses: ``threads`` intra-op threads, sequential, every optimization."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
+    @property
+    def recommended_threads(self) -> int:
+        """The ``runtime.intra_op_threads`` these timings call for (:func:`recommend_intra_op_threads`)."""
+        return recommend_intra_op_threads({r.threads: r.end_to_end for r in self.results})
 
 
-def _session(model: str | Path | bytes, threads: int) -> ort.InferenceSession:
-    source = model if isinstance(model, bytes) else str(model)
+THREAD_GAIN = 0.15
+"""How much faster (median) a clip must get before :func:`recommend_intra_op_threads` spends another
+core on it: an app's own work, or a neighbour's, is worth more than a few per cent of a 10-ms call."""
+
+
+def recommend_intra_op_threads(timings: Mapping[int, Timing], min_gain: float = THREAD_GAIN) -> int:
+    """The thread-count policy: the fewest threads, unless more cut the median by ``min_gain``.
+
+    ``timings`` must come from one round-robin loop (:func:`interleaved`). Small models stay at one
+    thread even where two are allowed, because thread hand-offs cost more than the split work saves.
+    """
+    if not timings:
+        raise ConfigError("bench: no timings to choose a thread count from")
+    chosen = min(timings)
+    for count in sorted(timings):
+        if timings[count].median_ms <= timings[chosen].median_ms * (1 - min_gain):
+            chosen = count
+    return chosen
+
+
+INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+"""CPU features that decide which int8 kernels onnxruntime's MLAS runs (x86, then ARM64 dot product/i8mm)."""
+
+
+def cpu_line(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """``MODEL; int8 flags: ...`` for this machine: every latency figure is only true of its CPU."""
+    model, flags = "unknown CPU", set()
     try:
-        return ort.InferenceSession(source, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001 -- onnxruntime's load errors share no base class
-        where = "in-memory graph" if isinstance(model, bytes) else str(model)
-        raise AscError(f"{where}: onnxruntime cannot load it ({' '.join(str(error).split())[:200]}); "
-                       "re-export the bundle with `asc export`") from None
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
+    return f"{model}; int8 flags: {' '.join(f for f in INT8_FLAGS if f in flags) or 'none'}"
 
 
-def interleaved(calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 2) -> dict[str, Timing]:
-    """Time each call ``repeats`` times, round-robin, after ``warmup`` untimed rounds."""
+def _session(model: Path | bytes, threads: int) -> ort.InferenceSession:
+    return open_session(model, session_options(threads))
+
+
+def interleaved(calls: dict[K, Callable[[], object]], *, repeats: int, warmup: int = 2,
+                clock: Callable[[], float] = time.perf_counter) -> dict[K, Timing]:
+    """Time each call ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
+
+    ``clock`` is wall time; ``time.thread_time`` instead counts only the CPU time of the calling
+    thread, which a busy machine's preemptions do not inflate (for single-threaded work only).
+    """
     for _ in range(warmup):
         for call in calls.values():
             call()
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    seconds: dict[K, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start = clock()
             call()
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(clock() - start)
     return {name: Timing.of(values) for name, values in seconds.items()}
 
 
@@ -200,16 +237,18 @@ def bench_bundle(bundle_dir: str | os.PathLike[str], threads: Sequence[int] = (1
         raise ConfigError(f"bench: thread counts must be >= 1, got {list(threads)}")
     bundle_dir = Path(bundle_dir)
     manifest = BundleManifest.read(bundle_dir)
-    model_path = bundle_dir / manifest.model_file
+    model_path = manifest.model_path(bundle_dir)  # model.onnx, or the xz container when only it was shipped
     clip = (np.random.default_rng(seed).standard_normal((1, manifest.clip_samples)) * 0.1).astype(np.float32)
-    parts = split_frontend(onnx.load(str(model_path))) if manifest.frontend_in_graph else None
+    parts = split_frontend(onnx.load_from_string(model_bytes(model_path))) if manifest.frontend_in_graph else None
     frontend = bundle_frontend(bundle_dir, manifest)
-    results = []
-    for count in threads:
-        calls = _clip_calls(model_path, manifest, frontend, parts, clip, count)
-        timings = interleaved(calls, repeats=repeats, warmup=warmup)
-        results.append(ThreadResult(count, timings["end_to_end"], timings.get("model"), timings.get("frontend"),
-                                    manifest.clip_seconds))
+    # Every thread count in one round-robin loop, so the policy compares them under the same load;
+    # the runtime's workers sleep when idle, so the other counts' sessions do not steal cores.
+    calls = {(count, part): call for count in dict.fromkeys(threads)
+             for part, call in _clip_calls(model_path, manifest, frontend, parts, clip, count).items()}
+    timings = interleaved(calls, repeats=repeats, warmup=warmup)
+    results = [ThreadResult(count, timings[count, "end_to_end"], timings.get((count, "model")),
+                            timings.get((count, "frontend")), manifest.clip_seconds)
+               for count in dict.fromkeys(threads)]
     files = [model_path] + ([bundle_dir / manifest.ort_file] if manifest.ort_file
                             and (bundle_dir / manifest.ort_file).is_file() else [])
     loads = tuple(_load_timing(path, load_repeats) for path in files)
@@ -221,6 +260,7 @@ def format_bench(bench: BundleBench) -> str:
     """A small table for the terminal."""
     where = "in the graph" if bench.frontend_in_graph else "external (numpy, FastLogMel)"
     lines = [f"{bench.bundle_dir}: {bench.precision}, front end {where}, {bench.clip_seconds:g}-s clips, batch 1",
+             f"  cpu: {cpu_line()}, onnxruntime {ort.__version__}",
              (f"  {'threads':>7}  {'end-to-end ms':>13}  {'p90':>7}  {'RTF':>8}  {'x real time':>11}  "
               f"{'front end ms':>12}  {'model ms':>8}  {'front-end share':>15}")]
     for r in bench.results:
@@ -231,4 +271,7 @@ def format_bench(bench: BundleBench) -> str:
                      f"{r.real_time_factor:8.4f}  {1 / r.real_time_factor:11.0f}  {front}  {model}  {share}")
     for load in bench.loads:
         lines.append(f"  load {load.file}: {load.load.median_ms:.1f} ms ({load.size_bytes / 1000:.1f} KB)")
+    if len(bench.results) > 1:
+        lines.append(f"  threads for this machine: {bench.recommended_threads} (the fewest unless more cut the "
+                     f"median by {THREAD_GAIN:.0%}; bundle.json runtime.intra_op_threads, --threads overrides)")
     return "\n".join(lines)

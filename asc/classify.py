@@ -11,6 +11,7 @@ or (``device="auto"``) by the model of the device its TAU-style name ends with.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Any, Literal
 import soundfile as sf
 from tqdm import tqdm
 
+from asc.bundle_manifest import MANIFEST_NAME, BundleManifest
 from asc.data.clips import UNKNOWN_DEVICE
 from asc.data.tau import segment_and_device
 from asc.errors import AscError, ConfigError
@@ -90,6 +92,52 @@ def find_audio_files(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path
         else:
             failures.append(Failure(str(path), f"{path}: no such file or folder; check the path"))
     return files, failures
+
+
+FINALIZED_NAME = "finalized.pt2"
+"""A compressed run's deployable module (``asc.train.checkpoint.FINALIZED_NAME``; spelled out here
+because that module imports torch, a test keeps the two equal)."""
+DIGEST_KEY = "checkpoint_sha256"
+"""``bundle.json`` ``source`` key: SHA-256 of the file the exporter read the model from
+(:func:`deployed_checkpoint`), which tells a stale bundle from a current one exactly."""
+
+
+def deployed_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str = "last") -> Path:
+    """The file a run's ``checkpoint`` is exported from: ``finalized.pt2`` for the ``last`` model of a
+    compressed run, else ``checkpoints/<checkpoint>.pt`` (``asc.train.evaluate.load_run_model``'s rule)."""
+    run_dir = Path(run_dir)
+    if checkpoint == "last" and (run_dir / FINALIZED_NAME).is_file():
+        return run_dir / FINALIZED_NAME
+    return run_dir / "checkpoints" / f"{checkpoint}.pt"
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, hex: what the exporter records as ``source.checkpoint_sha256``."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def stale_bundle(run_dir: str | os.PathLike[str], bundle_dir: str | os.PathLike[str]) -> str | None:
+    """Why ``bundle_dir``, exported from ``run_dir``, no longer holds the run's model; None while it does.
+
+    The run's model changes when it is trained further or compressed (a ``finalized.pt2`` appears).
+    With the digest the exporter records (:data:`DIGEST_KEY`) the answer is exact; a bundle without
+    it is stale when the model file is newer than its ``bundle.json``, which the exporter writes after
+    reading the model. A run whose model file is gone cannot be compared, so its bundle is kept.
+    """
+    bundle_dir = Path(bundle_dir)
+    source = BundleManifest.read(bundle_dir).source
+    checkpoint = deployed_checkpoint(run_dir, str(source.get("checkpoint") or "last"))
+    if not checkpoint.is_file():
+        return None
+    recorded = source.get(DIGEST_KEY)
+    if recorded is not None:
+        if recorded == file_digest(checkpoint):
+            return None
+        return f"{bundle_dir} holds an older model than {checkpoint} (its digest changed since the export)"
+    if checkpoint.stat().st_mtime > (bundle_dir / MANIFEST_NAME).stat().st_mtime:
+        return f"{bundle_dir} holds an older model than {checkpoint} (written after the export)"
+    return None
 
 
 def file_device(path: str | os.PathLike[str]) -> str | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from lzma import LZMAError
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -503,9 +504,13 @@ def _load_onnx(path: Path) -> tuple[onnx.ModelProto, Path]:
         path = path / "model.onnx"
     if not path.is_file():
         raise AscError(f"{path}: ONNX model not found; export one with asc export or point at a model.onnx")
+    # a bundle may ship its model only as an xz container
+    from asc.runtime import model_bytes
+
     try:
-        return onnx.load(str(path)), path
-    except (DecodeError, OSError) as error:
+        model = onnx.load_from_string(model_bytes(path)) if path.suffix == ".xz" else onnx.load(str(path))
+        return model, path
+    except (DecodeError, OSError, LZMAError) as error:
         raise AscError(f"{path}: not a readable ONNX model ({type(error).__name__}); re-export it") from None
 
 
@@ -716,7 +721,7 @@ def bundle_complexity(bundle_dir: Path, input_shape: tuple[int, ...] | None = No
         clip = (1, 1, features.n_mels, features.num_frames(manifest.clip_samples))
         second = (1, 1, features.n_mels, features.num_frames(manifest.sample_rate))
     input_shape, one_second_shape = input_shape or clip, one_second_shape or second
-    path = Path(bundle_dir) / manifest.models[model].model_file
+    path = manifest.models[model].model_path(bundle_dir)  # model.onnx, or its xz container when only it shipped
     try:
         return onnx_complexity(path, input_shape, one_second_shape=one_second_shape)
     except ShapeInferenceError:
@@ -731,7 +736,7 @@ def bundle_complexity(bundle_dir: Path, input_shape: tuple[int, ...] | None = No
 def _resolve(target: Path) -> str:
     if target.is_dir() and (target / "bundle.json").is_file():
         return "bundle"
-    if target.is_file() and target.suffix == ".onnx":
+    if target.is_file() and target.name.endswith((".onnx", ".onnx.xz")):
         return "onnx"
     if target.is_dir() and (target / "model.onnx").is_file():
         return "onnx"

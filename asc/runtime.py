@@ -23,6 +23,7 @@ model otherwise; each device's session opens on first use, so an app serving one
 
 from __future__ import annotations
 
+import json
 import lzma
 import os
 import warnings
@@ -34,7 +35,7 @@ import onnxruntime as ort
 from scipy.special import log_softmax, softmax
 
 from asc.audio import fit_length, load_audio, resample
-from asc.bundle_manifest import GENERAL_MODEL, BundleManifest
+from asc.bundle_manifest import GENERAL_MODEL, MANIFEST_NAME, BundleManifest
 from asc.errors import AscError, ConfigError
 from asc.feature_spec import FastLogMel, FrontendArrays
 
@@ -108,7 +109,7 @@ def input_warnings(audio: np.ndarray, sample_rate: int, clip_samples: int) -> tu
     if len(audio) < clip_samples / 2:
         found.append(f"only {len(audio) / sample_rate:.2f} s of audio, under half the model's "
                      f"{clip_samples / sample_rate:g}-s window; the label is a guess from mostly padding")
-    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    peak = max(float(audio.max()), -float(audio.min())) if audio.size else 0.0  # no |audio| copy
     if peak <= 10 ** (SILENCE_DBFS / 20):
         level = "digital silence" if peak == 0 else f"peak {20 * np.log10(peak):.0f} dBFS"
         found.append(f"the recording is silent ({level}); the label reflects no sound")
@@ -166,8 +167,8 @@ class Classifier:
     Each session is created once and reused, so opening costs once and each call only runs the
     model. The general model's session opens with the classifier (a broken bundle fails here, not
     at the first clip); a device model's opens the first time a clip of that device comes.
-    ``threads`` is onnxruntime's intra-op thread count; the default 1 is what a phone app should
-    start from (small CNNs gain little from more threads, and the app keeps cores for itself).
+    ``threads`` is onnxruntime's intra-op thread count (:func:`intra_op_threads`: given, else the
+    bundle's measured ``runtime.intra_op_threads``, else 1).
     ``hop_seconds`` defaults to the clip length: adjacent, non-overlapping windows.
     """
 
@@ -175,11 +176,11 @@ class Classifier:
         self,
         bundle_dir: PathLike,
         *,
-        threads: int = 1,
+        threads: int | None = None,
         batch_size: int = 16,
         hop_seconds: float | None = None,
     ) -> None:
-        if threads < 1:
+        if threads is not None and threads < 1:
             raise ConfigError(f"threads={threads} must be >= 1")
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be >= 1")
@@ -198,7 +199,8 @@ class Classifier:
         )
         self._frontend = bundle_frontend(self.bundle_dir, self.manifest)
         self._check_input_shape()
-        self._threads, self._batch_size = threads, batch_size
+        self.threads = intra_op_threads(self.bundle_dir, threads)
+        self._batch_size = batch_size
         self._graphs: dict[str, _Graph] = {}
         self._graph(GENERAL_MODEL)
 
@@ -335,20 +337,15 @@ class Classifier:
         An ORT-format file is tied to the onnxruntime version that wrote it, so a newer or older
         runtime may refuse it while the ONNX file still loads.
         """
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self._threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: the runtime's own messages say what matters
+        options = session_options(self.threads)
         model = self.manifest.models[name]
         model_path, ort_file = model.model_path(self.bundle_dir), model.ort_file
         if ort_file and (self.bundle_dir / ort_file).is_file():
             try:
-                return self.bundle_dir / ort_file, _session(self.bundle_dir / ort_file, options)
+                return self.bundle_dir / ort_file, open_session(self.bundle_dir / ort_file, options)
             except AscError as error:
                 warnings.warn(f"{error}; using {model_path.name} instead", RuntimeWarning, stacklevel=4)
-        return model_path, _session(model_path, options)
+        return model_path, open_session(model_path, options)
 
     def _check_input_shape(self) -> None:
         """bundle.json's input shape must be what its clip length and front end give."""
@@ -391,14 +388,80 @@ class Classifier:
         return batch_dim if isinstance(batch_dim, int) else None
 
 
-def _session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
-    """A session on an ONNX/ORT file, or on the ONNX bytes of an xz container, unpacked in memory (a few ms)."""
+RUNTIME_KEY = "runtime"
+"""bundle.json object of runtime settings the exporter measured; ``intra_op_threads`` (int, or
+absent) is onnxruntime's intra-op thread count to use when the caller names none."""
+THREADS_KEY = "intra_op_threads"
+
+
+def bundle_intra_op_threads(bundle_dir: PathLike) -> int | None:
+    """``runtime.intra_op_threads`` of ``bundle_dir/bundle.json``, None when the exporter wrote none.
+
+    Read from the raw JSON because it is a setting for this module, not part of the model's contract.
+    """
+    path = Path(bundle_dir) / MANIFEST_NAME
+    settings = json.loads(path.read_text()).get(RUNTIME_KEY) or {}  # BundleManifest.read has checked the JSON
+    if not isinstance(settings, dict):
+        raise AscError(f"{path}: {RUNTIME_KEY} is {settings!r}, expected an object such as "
+                       f'{{"{THREADS_KEY}": 1}}; {_REEXPORT}')
+    threads = settings.get(THREADS_KEY)
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise AscError(f"{path}: {RUNTIME_KEY}.{THREADS_KEY} is {threads!r}, expected an integer >= 1 or no "
+                       f"such key; {_REEXPORT} or pass --threads")
+    return threads
+
+
+def intra_op_threads(bundle_dir: PathLike, threads: int | None = None) -> int:
+    """The intra-op thread count to run ``bundle_dir`` with: ``threads`` when the caller gives one (the
+    CLI's ``--threads``), else the bundle's ``runtime.intra_op_threads`` capped at the cores this
+    process may run on (it was measured on another machine), else 1.
+
+    1 is the right start for a phone app and a shared machine: a second thread gains little on these
+    small CNNs (docs/export-latency.md §4) and the app keeps its cores; the exporter writes a larger
+    count only where it measured a gain (:func:`asc.bench.recommend_intra_op_threads`).
+    """
+    if threads is not None:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(bundle_intra_op_threads(bundle_dir) or 1, cores)
+
+
+def session_options(threads: int, *, spinning: bool = False) -> ort.SessionOptions:
+    """The session settings of the runtime: ``threads`` intra-op threads that sleep when idle, sequential
+    execution, every graph optimization (the int8 speed depends on the NHWC layout transformer).
+
+    onnxruntime's workers spin by default between ops; on a machine whose other cores are busy (an app's
+    UI, other jobs) a spinning worker and a descheduled one stall each other, which made 2 threads 1.7x
+    slower than 1 and int8 slower than fp32 (docs/export-latency.md §4). Sleeping costs a wake-up per op;
+    ``spinning`` restores onnxruntime's default, to measure the two (benchmarks/frontend.py).
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3  # errors only: the runtime's own messages say what matters
+    return options
+
+
+def model_bytes(path: Path) -> bytes:
+    """The bytes of a bundle's model file, unpacked in memory (a few ms) when it is the xz container."""
+    data = path.read_bytes()
+    return lzma.decompress(data) if path.suffix == ".xz" else data
+
+
+def open_session(model: Path | bytes, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A CPU session on a model file (ONNX, ORT or xz container) or on ONNX bytes; failures are one AscError."""
+    where = model if isinstance(model, Path) else "in-memory graph"
     try:
-        model: str | bytes = lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else str(path)
-        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        source = model if isinstance(model, bytes) else model_bytes(model) if model.suffix == ".xz" else str(model)
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 -- onnxruntime's load errors share no base class but Exception
         reason = " ".join(str(error).split())[:300]
-        raise AscError(f"{path}: onnxruntime cannot load the model ({reason}); {_REEXPORT}") from None
+        raise AscError(f"{where}: onnxruntime cannot load the model ({reason}); {_REEXPORT}") from None
 
 
 def _dims(shape: list[int | str | None]) -> list[int | None]:

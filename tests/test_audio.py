@@ -88,6 +88,23 @@ def test_stereo_is_mixed_to_the_channel_mean(tmp_path: Path) -> None:
     np.testing.assert_array_equal(both, stereo)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3])
+@pytest.mark.parametrize(("name", "subtype"), [("a.wav", "PCM_16"), ("a.wav", "PCM_24"), ("a.flac", "PCM_16"),
+                                               ("a.flac", "PCM_24"), ("a.wav", "PCM_U8"), ("a.wav", "FLOAT")])
+def test_decoding_gives_libsndfiles_float_samples_bit_for_bit(tmp_path: Path, name: str, subtype: str,
+                                                              channels: int) -> None:
+    # Integer PCM is read as integers and scaled in numpy (faster); the values must be libsndfile's own.
+    path = tmp_path / name
+    sf.write(path, noise(3000, channels=channels).T, 16000, subtype=subtype)
+    reference, _ = sf.read(path, dtype="float32", always_2d=True)
+    mono, _ = load_audio(path)
+    both, _ = load_audio(path, mono=False)
+    assert mono.dtype == both.dtype == np.float32 and mono.flags.c_contiguous
+    np.testing.assert_array_equal(both, reference.T)
+    np.testing.assert_array_equal(mono, reference.mean(axis=1))
+    assert len(np.unique(mono)) > 100  # real samples, not a constant both sides agree on
+
+
 def test_write_is_atomic_and_creates_folders(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "clip.wav"
     write_audio(path, noise(100), 8000)

@@ -13,9 +13,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from asc.bench import (
     FRONTEND_PREFIX,
+    THREAD_GAIN,
     Timing,
     bench_bundle,
+    cpu_line,
     format_bench,
+    recommend_intra_op_threads,
     split_frontend,
 )
 from asc.bundle_manifest import MANIFEST_NAME, BundleManifest
@@ -92,7 +95,10 @@ def test_external_bundle_timings_and_real_time_factor(external_bundle: Path) -> 
     assert bench.loads[0].size_bytes == (external_bundle / "model.onnx").stat().st_size
     assert bench.loads[0].load.runs == 2 and bench.loads[0].load.median_ms > 0
     text = format_bench(bench)
-    assert "RTF" in text and "external" in text and "load model.onnx" in text and len(text.splitlines()) == 5
+    assert "RTF" in text and "external" in text and "load model.onnx" in text and len(text.splitlines()) == 7
+    assert f"cpu: {cpu_line()}" in text
+    assert f"threads for this machine: {bench.recommended_threads} " in text
+    assert bench.recommended_threads == recommend_intra_op_threads({r.threads: r.end_to_end for r in bench.results})
 
 
 def test_in_graph_bundle_is_cut_at_the_front_end(in_graph_bundle: Path) -> None:
@@ -133,10 +139,54 @@ def test_ort_format_file_load_is_timed(external_bundle: Path) -> None:
     assert all(load.load.median_ms > 0 for load in bench.loads)
 
 
+def _ms(median: float) -> Timing:
+    return Timing(median, median, 20)
+
+
+@pytest.mark.parametrize(("medians", "chosen"), [
+    ({1: 10.0, 2: 9.0}, 1),  # 10 % faster: not worth a core
+    ({1: 10.0, 2: 10.0 * (1 - THREAD_GAIN)}, 2),  # exactly the gain
+    ({1: 10.0, 2: 6.0, 4: 5.5}, 2),  # 4 threads are only 8 % faster than 2
+    ({1: 10.0, 2: 12.0, 4: 7.0}, 4),  # measured against the count chosen so far, not the next one
+    ({2: 5.0}, 2),
+])
+def test_thread_policy_takes_more_threads_only_for_a_real_gain(medians: dict[int, float], chosen: int) -> None:
+    assert recommend_intra_op_threads({count: _ms(ms) for count, ms in medians.items()}) == chosen
+    with pytest.raises(ConfigError, match="no timings"):
+        recommend_intra_op_threads({})
+
+
+@pytest.mark.parametrize("kind", ["external_bundle", "in_graph_bundle"])
+def test_bundles_shipping_only_their_xz_container_are_timed(kind: str, request: pytest.FixtureRequest) -> None:
+    from asc.export.onnx import pack_onnx
+
+    bundle: Path = request.getfixturevalue(kind)
+    pack_onnx(bundle / "model.onnx")
+    (bundle / "model.onnx").unlink()
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    (bundle / MANIFEST_NAME).write_text(json.dumps({**manifest, "container_file": "model.onnx.xz"}))
+    bench = bench_bundle(bundle, threads=(1,), repeats=2, load_repeats=1)
+    assert [load.file for load in bench.loads] == ["model.onnx.xz"]
+    (r,) = bench.results
+    assert r.end_to_end.median_ms > 0 and r.model is not None and r.frontend_share is not None  # cut as before
+
+
+def test_cpu_line_names_the_model_and_int8_flags(tmp_path: Path) -> None:
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu sse avx2 avx512f avx512bw "
+                   "avx512_vnni sha_ni\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 9B14\n")
+    assert cpu_line(x86) == "AMD EPYC 9B14; int8 flags: avx2 avx512f avx512bw avx512_vnni"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd asimddp i8mm\n")
+    assert cpu_line(arm) == "unknown CPU; int8 flags: asimddp i8mm"
+    assert cpu_line(tmp_path / "missing") == "unknown CPU; int8 flags: none"
+
+
 def test_timing_statistics() -> None:
     timing = Timing.of([0.001, 0.002, 0.003, 0.004, 0.010])
     assert timing.median_ms == pytest.approx(3.0)
     assert timing.p90_ms == pytest.approx(7.6)
+    assert timing.p10_ms == pytest.approx(1.4)
     assert timing.runs == 5
 
 

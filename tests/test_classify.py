@@ -8,9 +8,11 @@ all bands. A pure tone therefore has a known right answer, so the tests can chec
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -24,9 +26,14 @@ from onnx import TensorProto, helper, numpy_helper
 from asc.bundle_manifest import BundleManifest
 from asc.classify import (
     AUDIO_EXTENSIONS,
+    DIGEST_KEY,
+    FINALIZED_NAME,
     classify_paths,
+    deployed_checkpoint,
+    file_digest,
     find_audio_files,
     format_results,
+    stale_bundle,
 )
 from asc.errors import ConfigError
 from asc.feature_spec import FRONTEND_ARRAYS_NAME, FeatureConfig, FrontendArrays
@@ -365,3 +372,59 @@ def test_deployment_commands_never_import_torch(classifier: Classifier, tmp_path
         "status 0", "status 0", "status 2", "help 0", "loaded []"], done.stderr
     assert "blocked" not in done.stderr  # evaluate failed on the missing dataset, not on an import
     assert "no-dataset" in done.stderr
+
+
+# ---------------------------------------------------------------- a run's cached bundle
+
+
+def _run_with_bundle(root: Path, **source: object) -> tuple[Path, Path]:
+    """A run folder (only what the staleness check reads) with a bundle exported from its last.pt at time 1000."""
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    _write_at(run / "checkpoints" / "last.pt", b"weights after epoch 3", 500)
+    bundle = write_band_bundle(run / "bundle", source={"run": str(run), "checkpoint": "last", **source})
+    os.utime(bundle / "bundle.json", (1000, 1000))
+    return run, bundle
+
+
+def _write_at(path: Path, data: bytes, mtime: float) -> None:
+    path.write_bytes(data)
+    os.utime(path, (mtime, mtime))
+
+
+def test_a_bundle_older_than_the_runs_model_is_stale(tmp_path: Path) -> None:
+    run, bundle = _run_with_bundle(tmp_path)
+    assert stale_bundle(run, bundle) is None
+    _write_at(run / "checkpoints" / "last.pt", b"weights after epoch 6", 2000)  # trained further
+    reason = stale_bundle(run, bundle)
+    assert reason is not None and "\n" not in reason
+    assert str(bundle) in reason and f"than {run / 'checkpoints' / 'last.pt'} (written after the export)" in reason
+
+
+def test_compressing_the_run_makes_its_bundle_stale(tmp_path: Path) -> None:
+    run, bundle = _run_with_bundle(tmp_path)
+    _write_at(run / FINALIZED_NAME, b"pruned int8 module", 2000)  # asc compress finalized the run
+    assert deployed_checkpoint(run) == run / FINALIZED_NAME
+    assert deployed_checkpoint(run, "best") == run / "checkpoints" / "best.pt"
+    assert f"than {run / FINALIZED_NAME}" in (stale_bundle(run, bundle) or "")
+
+
+def test_a_recorded_digest_decides_whatever_the_file_times_say(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"weights after epoch 3").hexdigest()
+    run, bundle = _run_with_bundle(tmp_path, **{DIGEST_KEY: digest})
+    assert file_digest(run / "checkpoints" / "last.pt") == digest
+    _write_at(run / "checkpoints" / "last.pt", b"weights after epoch 3", 2000)  # copied again: same bytes
+    assert stale_bundle(run, bundle) is None
+    _write_at(run / "checkpoints" / "last.pt", b"weights after epoch 6", 1)  # restored with an old time
+    assert "its digest changed since the export" in (stale_bundle(run, bundle) or "")
+
+
+def test_a_run_without_its_model_file_keeps_its_bundle(tmp_path: Path) -> None:
+    run, bundle = _run_with_bundle(tmp_path, checkpoint="best")  # exported from best.pt, which is gone
+    assert stale_bundle(run, bundle) is None
+
+
+def test_the_finalized_name_is_the_trainers() -> None:
+    from asc.train.checkpoint import FINALIZED_NAME as TRAINER_NAME
+
+    assert FINALIZED_NAME == TRAINER_NAME

@@ -371,6 +371,28 @@ def test_shapes_are_accepted_as_printed(tmp_path: Path, spelling: str, capsys: p
     assert "\n" not in error and "'1x1xsixteen' is not a shape such as 1x1x256x431" in error
 
 
+def test_a_bundle_shipping_only_its_xz_container_is_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    import json
+
+    from asc.cli import main
+    from asc.export.onnx import pack_onnx
+
+    features = FeatureConfig(sample_rate=16000, n_fft=512, hop_length=256, n_mels=16)
+    bundle = _bundle(tmp_path / "b", randomise_norms(_Small()), features, clip_seconds=1, dynamic_time=True)
+    assert main(["complexity", str(bundle), "--rules", "dcase2022"]) == 0
+    plain = capsys.readouterr().out
+    pack_onnx(bundle / "model.onnx")
+    (bundle / "model.onnx").unlink()
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    (bundle / "bundle.json").write_text(json.dumps({**manifest, "container_file": "model.onnx.xz"}))
+    assert main(["complexity", str(bundle), "--rules", "dcase2022"]) == 0
+    shipped = capsys.readouterr().out
+    assert shipped.replace("model.onnx.xz", "model.onnx") == plain and "MACs per 1-s input 1x1x16x63" in shipped
+    assert main(["complexity", str(bundle / "model.onnx.xz"), "--input-shape", "1x1x16x63", "--one-second-shape",
+                 "1x1x16x63", "--rules", "dcase2022"]) == 0  # the container file itself
+    assert capsys.readouterr().out.splitlines()[-4:] == shipped.splitlines()[-4:]  # same totals and verdicts
+
+
 def test_the_cli_lists_every_rule_set_without_importing_them():
     from asc.cli.complexity import RULE_SET_NAMES
     from asc.complexity import rule_names

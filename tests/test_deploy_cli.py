@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,9 @@ def test_classify_a_run_exports_once_and_reports_bad_files(run: Path, recordings
     assert "exporting" in captured.err and (run / "bundle" / "bundle.json").is_file()
     assert main(["classify", str(run), str(recordings / "short-8k.wav"), "-q"]) == 0
     assert "exporting" not in capsys.readouterr().err  # the bundle is reused
+    os.utime(run / "checkpoints" / "last.pt")  # the run trained further: its cached bundle is stale
+    assert main(["classify", str(run), str(recordings / "short-8k.wav"), "-q"]) == 0
+    assert "holds an older model than" in capsys.readouterr().err
 
 
 @pytest.mark.slow

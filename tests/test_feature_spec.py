@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,6 +62,25 @@ def test_short_clip_matches_reference(name: str, length: str) -> None:
     assert parity(config, audio) <= TOLERANCE
 
 
+@pytest.mark.parametrize("pad_mode", ["constant", "reflect"])
+@pytest.mark.parametrize(("n_fft", "hop"), [(64, 16), (64, 32), (64, 64), (64, 7), (64, 100), (63, 16), (65, 33)])
+def test_frames_read_from_the_clip_are_the_padded_clips_frames(pad_mode: str, n_fft: int, hop: int) -> None:
+    # FastLogMel reads the frames inside the clip from the clip itself and pads copies of its ends
+    # only; for every length, the frames must be exactly those of the whole padded clip.
+    config = FeatureConfig(sample_rate=8000, n_fft=n_fft, hop_length=hop, n_mels=8, pad_mode=pad_mode)
+    frontend = FastLogMel(config)
+    rng = np.random.default_rng(n_fft + hop)
+    split = 0
+    for n in [*range(1, 260), 1001, 1037]:
+        clip = rng.standard_normal(n).astype(np.float32)
+        runs = frontend._frame_runs(clip)
+        expected = np.lib.stride_tricks.sliding_window_view(np.pad(clip, n_fft // 2, mode=pad_mode), n_fft)[::hop]
+        assert [first for first, _ in runs] == list(np.cumsum([0] + [len(f) for _, f in runs[:-1]]))
+        np.testing.assert_array_equal(np.concatenate([frames for _, frames in runs]), expected)
+        split += len(runs) > 1
+    assert split > 100  # most lengths take the path that does not copy the clip
+
+
 def test_reflect_padding_differs_from_constant() -> None:
     # Guards the branch tests above: the two pad modes must give different edge frames.
     audio = noise_chirp(16000, 0.5)
@@ -90,6 +110,20 @@ def test_batch_layout_and_single_clip_agree() -> None:
     assert not np.array_equal(batch[0], batch[1])
     # float64 input is computed in float32 like the runtime's.
     np.testing.assert_array_equal(frontend(clips.astype(np.float64)), batch)
+
+
+def test_clips_of_changing_length_and_threads_sharing_one_instance() -> None:
+    # The work buffers are reused per thread and per clip length: neither may leak into a result.
+    frontend = FastLogMel(SPEECH_16K)
+    clips = [noise_chirp(16000, seconds, seed=seed) for seed, seconds in enumerate((1.0, 1.37, 0.2, 1.0))]
+    expected = [FastLogMel(SPEECH_16K)(clip) for clip in clips]  # a fresh instance each
+    for clip, features in zip(clips, expected):
+        np.testing.assert_array_equal(frontend(clip), features)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(frontend, clips * 8))
+    for i, features in enumerate(results):
+        np.testing.assert_array_equal(features, expected[i % len(clips)])
+    assert len({features.shape for features in results}) == 3
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 800), (0,), ()])

@@ -89,6 +89,18 @@ def test_matches_librosa_on_real_tau_clip(config: FeatureConfig, tau_fixtures: P
     assert frame_error <= TOLERANCE
 
 
+@pytest.mark.parametrize("config", [DCASE, VARIANT], ids=["dcase", "variant"])
+def test_training_and_deployment_front_ends_agree_closer_than_either_to_librosa(config: FeatureConfig) -> None:
+    """LogMel (training, in-graph export) and FastLogMel (the runtime) are both float32 FFTs of the same
+    power formula; a model trained on one and run on the other sees features 5e-5 apart at most."""
+    from asc.feature_spec import FastLogMel
+
+    audio = noise_chirp(config.sample_rate)
+    ours, deployed = log_mel(config, audio), FastLogMel(config)(audio)[0].astype(np.float64)
+    assert np.abs(ours - deployed).max() / np.abs(ours).max() <= 5e-5
+    assert np.abs(ours - deployed).max() > 0  # two implementations, not one compared with itself
+
+
 def test_parity_metric_catches_a_wrong_window() -> None:
     audio = noise_chirp(16000, seconds=1.0)
     ours = log_mel(replace(SPEECH_LIKE, window="hamming"), audio)

@@ -8,6 +8,7 @@ fixed batch of 4. Torch is the reference the runtime's numbers are held to.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, replace
@@ -26,7 +27,14 @@ from asc.bundle_manifest import BundleManifest
 from asc.errors import AscError, AudioError, ConfigError
 from asc.feature_spec import FeatureConfig
 from asc.features import LogMel
-from asc.runtime import Classifier, top_predictions, window_starts
+from asc.runtime import (
+    Classifier,
+    bundle_intra_op_threads,
+    intra_op_threads,
+    session_options,
+    top_predictions,
+    window_starts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -186,6 +194,56 @@ def test_more_threads_give_the_same_logits(bundles: Bundles) -> None:
     clips = np.stack([scene(1.0, seed=s) for s in range(3)])
     assert_close(Classifier(bundles.in_graph, threads=2).logits(clips), Classifier(bundles.in_graph).logits(clips),
                  1e-6)
+
+
+def _with_runtime_settings(source: Path, target: Path, settings: object) -> Path:
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "bundle.json").read_text())
+    (target / "bundle.json").write_text(json.dumps({**manifest, "runtime": settings}))
+    return target
+
+
+def test_thread_count_comes_from_the_caller_then_the_bundle_then_one(bundles: Bundles, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)  # any machine
+    assert Classifier(bundles.external).threads == 1
+    measured = _with_runtime_settings(bundles.external, tmp_path / "measured", {"intra_op_threads": 2})
+    assert bundle_intra_op_threads(measured) == 2 and bundle_intra_op_threads(bundles.external) is None
+    assert Classifier(measured).threads == 2  # what the exporter measured for this bundle
+    assert Classifier(measured, threads=1).threads == 1  # --threads overrides it
+    assert intra_op_threads(measured, 3) == 3 and intra_op_threads(bundles.external) == 1
+    absent = _with_runtime_settings(bundles.external, tmp_path / "absent", {"intra_op_threads": None})
+    assert Classifier(absent).threads == 1
+
+
+def test_the_bundles_thread_count_is_capped_at_the_usable_cores(bundles: Bundles, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    measured = _with_runtime_settings(bundles.external, tmp_path / "measured", {"intra_op_threads": 4})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert intra_op_threads(measured) == 2  # measured on a bigger machine
+    assert intra_op_threads(measured, 4) == 4  # the caller's count is taken as given
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    assert intra_op_threads(measured) == 4
+    clips = np.stack([scene(1.0, seed=s) for s in range(2)])
+    assert_close(Classifier(measured).logits(clips), Classifier(bundles.external).logits(clips), 1e-6)
+
+
+@pytest.mark.parametrize("settings", [{"intra_op_threads": 0}, {"intra_op_threads": "2"},
+                                      {"intra_op_threads": True}, {"intra_op_threads": 1.5}, [2]])
+def test_a_bad_thread_setting_in_the_bundle_is_one_line(bundles: Bundles, tmp_path: Path, settings: object) -> None:
+    bundle = _with_runtime_settings(bundles.external, tmp_path / "bad", settings)
+    with pytest.raises(AscError, match=r"bundle.json: runtime(\.intra_op_threads)? is .*; re-export") as error:
+        Classifier(bundle)
+    assert "\n" not in str(error.value)
+    assert Classifier(bundle, threads=1).threads == 1  # --threads does not need the bundle's value
+
+
+def test_worker_threads_sleep_instead_of_spinning() -> None:
+    for threads in (1, 2):
+        options = session_options(threads)
+        assert options.intra_op_num_threads == threads
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(2, spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
 
 
 # ---------------------------------------------------------------- windows and aggregation

@@ -30,8 +30,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def bundle_for(target: Path, *, progress: bool) -> Path:
-    """A bundle folder as is; for a run folder its cached ``RUN/bundle``, exported on first use."""
+    """A bundle folder as is; for a run folder its cached ``RUN/bundle``, exported on first use and
+    again once the run's model changed (trained further, compressed: :func:`asc.classify.stale_bundle`)."""
     from asc.bundle_manifest import MANIFEST_NAME
+    from asc.classify import stale_bundle
 
     if (target / MANIFEST_NAME).is_file():
         return target
@@ -39,7 +41,10 @@ def bundle_for(target: Path, *, progress: bool) -> Path:
         raise AscError(f"{target}: neither a bundle (bundle.json) nor a run folder (config.yaml); "
                        "point at the output of `asc export` or `asc train`")
     bundle = target / "bundle"
-    if not (bundle / MANIFEST_NAME).is_file():
+    stale = stale_bundle(target, bundle) if (bundle / MANIFEST_NAME).is_file() else None
+    if stale:
+        print(f"asc: {stale}; exporting it again", file=sys.stderr)
+    if stale or not (bundle / MANIFEST_NAME).is_file():
         from asc.export import export_trained, is_quantized_graph, open_run
         from asc.export.verify import DEFAULT_MIN_AGREEMENT
 
@@ -120,7 +125,9 @@ def register(sub: Subparsers) -> None:
     classify.add_argument("--windows", action="store_true", help="also print every window's result")
     classify.add_argument("--top-k", type=int, default=3, help="labels to list per file")
     classify.add_argument("--hop", type=float, default=None, help="seconds between windows (default: a clip)")
-    classify.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    classify.add_argument("--threads", type=int, default=None,
+                          help="onnxruntime intra-op threads (default: the bundle's measured "
+                          "runtime.intra_op_threads, else 1)")
     classify.add_argument("--device", default=None, metavar="NAME",
                           help="recording device of every file: a bundle with device models (asc bundle combine) "
                           "answers with that device's model, the general one for other devices; 'auto' reads "
