@@ -66,6 +66,7 @@ class Method(TrainHook, metaclass=ABCMeta):
     name: ClassVar[str]
     jobs: ClassVar[frozenset[Job]]  #: what it does; PQK does masks, quantization and distillation
     quantizes: ClassVar[bool] = False  #: its finalized module stores int8 weights
+    keeps_stages: ClassVar[bool] = True  #: after wrap_model the student still runs its named stage modules
 
     @classmethod
     @abstractmethod

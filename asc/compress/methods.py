@@ -125,6 +125,7 @@ class QATMethod(Int8QAT, Method):
     name = "qat"
     jobs = frozenset({Job.QUANTIZATION})
     quantizes = True
+    keeps_stages = False  #: the student becomes a traced int8 graph: no stage to tap
 
     @classmethod
     def build(cls, options: Mapping[str, Any], context: StageContext) -> QATMethod:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import fields
@@ -102,6 +103,12 @@ def build_methods(names: Sequence[str], options: dict[str, dict[str, Any]], cont
         shared = sorted(first.output_keys() & second.output_keys())
         if shared:
             raise ConfigError(f"methods {first.name} and {second.name} both produce {', '.join(shared)}; drop one")
+    tapping = [method for method in built if method.feature_taps()]
+    opaque = [method for method in built if not method.keeps_stages]
+    if tapping and opaque:
+        first, second = tapping[0].name, opaque[0].name
+        raise ConfigError(f"method {first} reads the student's feature maps, which {second}'s traced graph does not "
+                          f"have; run --method {first} first, then compress its run with --method {second}")
     return built
 
 
@@ -176,10 +183,17 @@ def compress_run(source: Path, out: Path, methods: Sequence[str], overrides: Seq
 
 
 def _finalize(trainer: Trainer, methods: Sequence[Method], context: StageContext, meta: dict[str, Any]) -> None:
-    """Materialize, evaluate and write the deployable module; the finalized file is written last."""
+    """Materialize, evaluate and write the deployable module; the finalized file is written last.
+
+    Rank 0 alone under torchrun; the report keeps what the trainer's report said about the ranks.
+    """
     from asc.report import write_report
 
+    if not trainer.ctx.is_main:
+        return
     out = trainer.run_dir
+    ranks = {key: value for key, value in json.loads((out / "report.json").read_text()).items()
+             if key in ("world_size", "parameter_digests", "auxiliary_digests")}
     quantized = any(method.quantizes for method in methods)
     twin = float_twin(trainer, methods)
     spec = {**meta["model_spec"], "channels": channel_spec(twin)}
@@ -196,7 +210,7 @@ def _finalize(trainer: Trainer, methods: Sequence[Method], context: StageContext
     write_report(out, metrics, history=trainer.history, config=trainer.config, title="Compressed model",
                  extra={"split": trainer.config.data.eval_split, "checkpoint": "finalized",
                         "compression": read_yaml(out / PLAN_NAME), "precision": "int8" if quantized else "fp32",
-                        "simulated_accuracy": simulated.get("accuracy"),
+                        "simulated_accuracy": simulated.get("accuracy"), **ranks,
                         "complexity": {"params": counts.params, "nonzero_params": counts.nonzero_params,
                                        "bytes": counts.bytes, "nonzero_bytes": counts.nonzero_bytes,
                                        "macs": counts.macs, "macs_1s": counts.macs_1s}})
