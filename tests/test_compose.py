@@ -36,6 +36,7 @@ FAST = {  # one epoch, the smallest settings that still exercise every method
     "qkd": ["qkd.bits=4"],
     "ppp": ["ppp.sparsity=1.0", "ppp.gate_lr=1000"],
     "ffl": [],
+    "ft": ["train.epochs=2", "ft.paraphrase_epochs=1"],
 }
 
 
@@ -44,8 +45,16 @@ TAP_READERS = {"ffl", "afd", "ft"}
 OPAQUE = {name for name, cls in METHODS.items() if not cls.keeps_stages}
 
 
+FORWARD_OWNERS = {"ft", "map", "dcil", "pqk"}
+"""Methods that replace the student's training forward (they declare the "logits" output)."""
+
+
 def _tap_clash(names: list[str]) -> bool:
     return bool(TAP_READERS & set(names)) and bool(OPAQUE & set(names))
+
+
+def _forward_clash(names: list[str]) -> bool:
+    return len(FORWARD_OWNERS & set(names)) > 1
 
 
 def _clash(names: list[str]) -> tuple[str, str, set[Job]] | None:
@@ -89,17 +98,24 @@ def test_overlapping_lists_are_refused_before_any_folder_is_written(source: Path
     assert not out.exists()
 
 
-@pytest.mark.parametrize("names", [n for n in LISTS if _tap_clash(n) and not _clash(n)], ids="+".join)
-def test_tap_readers_with_a_traced_int8_student_are_refused_before_any_folder(source: Path, names: list[str]):
+@pytest.mark.parametrize("names", [n for n in LISTS if (_tap_clash(n) or _forward_clash(n)) and not _clash(n)],
+                         ids="+".join)
+def test_tap_readers_with_a_traced_student_or_two_forwards_are_refused_before_any_folder(source: Path,
+                                                                                        names: list[str]):
     out = source.with_name("refused-" + "+".join(names))
     with pytest.raises(ConfigError) as error:
         compress_run(source, out, names, _overrides(names), progress=False)
-    assert "reads the student's feature maps" in str(error.value) and "then compress its run" in str(error.value)
+    message = str(error.value)
+    assert "\n" not in message
+    if _forward_clash(names):
+        assert "both produce logits" in message
+    else:
+        assert "reads the student's feature maps" in message and "then compress its run" in message
     assert not out.exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("names", [n for n in LISTS if not _clash(n) and not _tap_clash(n)], ids="+".join)
+@pytest.mark.parametrize("names", [n for n in LISTS if not (_clash(n) or _tap_clash(n) or _forward_clash(n))], ids="+".join)
 def test_every_accepted_list_runs_an_epoch_and_finalizes(source: Path, names: list[str]):
     out = source.with_name("+".join(names))
     assert compress_run(source, out, names, _overrides(names), progress=False) == "compressed"
