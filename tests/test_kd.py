@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,11 @@ import torch.nn.functional as F
 
 from asc.compress.kd import (Distillation, ModelTeacher, OnlinePeers, PrecomputedTeacher, SelfTeacher, kd_loss,
                              precompute_teacher_logits, teacher_cache_name)
+from asc.compress.qkd import load_teacher
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.models import build_model
+from asc.train.checkpoint import FINALIZED_NAME, load_checkpoint, save_checkpoint, save_finalized
 from asc.train.evaluate import load_run_model
 from asc.train.loop import Trainer
 
@@ -152,3 +155,22 @@ def test_online_peers_learn_alongside_the_student(tiny_overrides, tmp_path: Path
 def test_self_teacher_calls_the_given_path():
     provider = SelfTeacher(lambda x: x * 2)
     assert torch.equal(provider.logits(None, torch.ones(2, 3)), torch.full((2, 3), 2.0))
+
+
+def test_a_compressed_runs_teacher_is_its_float_twin(teacher_run: Path, tmp_path: Path):
+    """``last`` of a compressed run deploys its finalized program; a teacher (frozen or trained) gets the twin."""
+    run = tmp_path / "compressed"
+    shutil.copytree(teacher_run, run)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    twin = {name: value * 0.5 if value.is_floating_point() else value for name, value in state["model"].items()}
+    save_checkpoint({**state, "model": twin}, run / "checkpoints" / "float.pt")
+    model, _ = load_run_model(run)  # the plain trained weights, saved as the "finalized" program
+    save_finalized(model, torch.zeros(2, 1, 32, 63), run / FINALIZED_NAME)
+
+    deployed, _ = load_run_model(run)
+    assert not any(torch.equal(p, twin[name]) for name, p in deployed.state_dict().items() if name in twin
+                   and p.is_floating_point() and p.abs().sum() > 0)
+    for teacher in (load_run_model(run, trainable=True)[0], ModelTeacher.from_run(run).model, load_teacher(run, "last")):
+        loaded = teacher.state_dict()
+        assert loaded.keys() == twin.keys() and all(torch.equal(loaded[name], twin[name]) for name in twin)
+    assert all(p.requires_grad for p in load_teacher(run, "last").parameters())  # QKD trains it

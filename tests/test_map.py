@@ -133,6 +133,15 @@ def test_exploration_lets_a_pruned_weight_regrow_and_exploitation_freezes_the_ma
     torch.testing.assert_close(layer.weight.detach(), frozen_values, rtol=0, atol=0)
 
 
+def test_masks_refresh_on_the_ramp_schedule_and_its_grid_until_exploration_ends():
+    # 5 epochs x 4 steps, exploration 0.8 = steps 1-16, ramp 0.25 of it = steps 1-4, every 3 steps
+    method, _ = started(MAPOptions(sparsity=0.5, exploration=0.8, ramp=0.25, every=3, keep_ends=False), small_net(),
+                        epochs=5, steps_per_epoch=4)
+    assert (method.ramp_end, method.exploration_end) == (4, 16)
+    assert [step for step in range(1, 21) if method.refreshes(step)] == [3, 4, 6, 9, 12, 15, 16]
+    assert method.pruning.schedule.sparsity(2) < 0.5 == method.pruning.schedule.sparsity(4)
+
+
 def test_finalize_folds_the_attention_and_equals_the_evaluation_forward():
     torch.manual_seed(0)
     model = BCResNetMod(width=8, num_classes=4, dropout=0.0)

@@ -7,11 +7,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from compress_resume import assert_same_tensors, kill_and_resume
 
 from asc.compress.base import StageContext
+from asc.compress.grid import QuantGrid
 from asc.compress.qkd import (
     QKD,
     LSQQuantizer,
@@ -22,8 +24,11 @@ from asc.compress.qkd import (
 )
 from asc.compress.stage import compress_run
 from asc.config import RunConfig, load_config
-from asc.errors import ConfigError
-from asc.export.onnx import export_onnx, run_onnx
+from asc.errors import AscError, ConfigError
+from asc.export.bundle import open_run, run_clipset, sample_clips, split_dataset
+from asc.export.grid import grid_int8
+from asc.export.onnx import export_onnx, int8_weights, run_onnx
+from asc.export.verify import ClipSample
 from asc.models import BCResNetMod
 from asc.train.checkpoint import load_checkpoint
 from asc.train.evaluate import load_run_model
@@ -189,8 +194,54 @@ def test_stage_writes_finalized_student_report_and_size(compressed, runs):
     assert teacher_head == 2 * state["model"]["head.0.weight"].shape[0]  # the width-16 teacher of a width-8 student
 
 
+def eval_clips(run_dir: Path) -> ClipSample:
+    """Every clip of the run's eval split as log-mels (real clips of its corpus)."""
+    run = open_run(run_dir)
+    split = run.config.data.eval_split
+    return sample_clips(split_dataset(run, run_clipset(run, progress=False), split, as_features=True,
+                                      progress=False), None, split=split)
+
+
+def top1_agreement(onnx_path: Path, model: torch.nn.Module, clips: ClipSample) -> float:
+    """Top-1 agreement of the ONNX file, run with its Q/DQ as float ops (the same on every CPU), and ``model``."""
+    with torch.no_grad():
+        reference = np.concatenate([model(torch.from_numpy(batch)).numpy() for batch in clips.batches()])
+    deployed = np.concatenate([run_onnx(onnx_path, batch, fused=False) for batch in clips.batches()])
+    return float((deployed.argmax(1) == reference.argmax(1)).mean())
+
+
 @pytest.mark.slow
-def test_low_bit_widths_report_their_size(runs):
+def test_w8a8_exports_int8_on_its_learned_grid(compressed, tmp_path):
+    out, *_ = compressed
+    grid = QuantGrid.read(out)
+    assert grid is not None and grid.method == "qkd"
+    clips = eval_clips(out)
+    path = grid_int8(out, tmp_path / "int8.onnx", torch.zeros(2, *clips.source[0].shape))
+    exported = onnx.load(str(path))
+    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in exported.graph.initializer}
+    trained = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
+    twin = load_checkpoint(out / "checkpoints" / "float.pt")["model"]
+    assert set(int8_weights(exported)) == {f"{name}.weight_quantized" for name in grid.layers}
+    unfolded = [name for name in grid.layers if name.endswith("pointwise") or name == "classifier"]  # no BN after
+    assert len(unfolded) > 4
+    for name, layer in grid.layers.items():
+        weight, step = trained[f"{name}.weight"], trained[f"{name}.weight_quant.step"]
+        integers, scale = arrays[f"{name}.weight_quantized"], arrays[f"{name}.weight_scale"]
+        # the method's integers, from the raw weight and its learned step (a BN the exporter folds scales s only)
+        assert np.array_equal(integers, torch.clamp(weight / step, -127, 127).round().to(torch.int8).numpy()), name
+        if name in unfolded:
+            assert np.array_equal(scale, step.flatten().numpy()), name
+            scaled = integers.astype(np.float32) * scale.reshape(-1, *[1] * (weight.dim() - 1))
+            assert torch.equal(torch.from_numpy(scaled), twin[f"{name}.weight"]), name  # the finalized weight
+        assert arrays[f"{name}.input_scale"] == trained[f"{name}.input_quant.step"].item()
+        assert layer.input is not None and arrays[f"{name}.input_zero_point"].dtype == (
+            np.int8 if layer.input.signed else np.uint8)
+    finalized, _ = load_run_model(out)
+    assert top1_agreement(path, finalized, clips) >= 0.95
+
+
+@pytest.mark.slow
+def test_low_bit_widths_report_their_size_and_have_no_int8_grid_export(runs, tmp_path):
     student, teacher = runs
     out = student.with_name("qkd-4bit")
     compress_run(student, out, ["qkd"], [f"qkd.teacher={teacher}", "qkd.bits=4", "train.epochs=1",
@@ -198,6 +249,8 @@ def test_low_bit_widths_report_their_size(runs):
     size = json.loads((out / "qkd.json").read_text())
     assert size["bits"] == 4 and set(size["layer_bits"].values()) == {4, 8}
     assert size["size_bits"] < 8 * size["quantized_weights"] + 32 * (size["other_params"] + size["weight_scales"])
+    with pytest.raises(AscError, match="4-bit input grid"):
+        grid_int8(out, tmp_path / "int8.onnx", torch.zeros(2, 1, 32, 63))
 
 
 # ------------------------------------------------------------------------------ resume

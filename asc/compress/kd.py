@@ -62,9 +62,10 @@ class ModelTeacher:
 
     @classmethod
     def from_run(cls, run_dir: Path, checkpoint: str = "last") -> ModelTeacher:
+        """The run's model; a compressed run's float twin (its finalized program is inference-only)."""
         from asc.train.evaluate import load_run_model
 
-        model, _ = load_run_model(run_dir, checkpoint)
+        model, _ = load_run_model(run_dir, checkpoint, trainable=True)
         return cls(model)
 
     def auxiliaries(self) -> Mapping[str, Auxiliary]:

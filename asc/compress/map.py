@@ -115,6 +115,8 @@ class MAP(Method):
         self.exploring = True
         self.exploration_end = 0  #: last optimizer step of the exploration phase
         self.ramp_end = 0  #: step at which the ramp reaches the final sparsity
+        #: the refresh grid of the whole exploration phase (the ramp's schedule stops refreshing at its end)
+        self.exploration_grid: PruningSchedule | None = None
 
     @classmethod
     def build(cls, options: Mapping[str, Any], context: StageContext) -> MAP:
@@ -169,13 +171,18 @@ class MAP(Method):
         self.ramp_end = round(self.options.ramp * self.exploration_end)
         self.pruning.schedule = PruningSchedule(self.options.sparsity, end_step=self.ramp_end,
                                                 every=self.options.every)
+        self.exploration_grid = PruningSchedule(self.options.sparsity, end_step=self.exploration_end,
+                                                every=self.options.every)
         self.pruning.refresh(trainer.step)  # all ones, unless the ramp has no length (one-shot pruning)
 
     def refreshes(self, step: int) -> bool:
-        """Whether the masks are recomputed after optimizer step ``step`` (only while exploring)."""
-        if step > self.exploration_end:
-            return False
-        return step % self.options.every == 0 or step in (self.ramp_end, self.exploration_end)
+        """Whether the masks are recomputed after optimizer step ``step``.
+
+        On the ramp's schedule (every ``every`` steps and at its end), and on the same grid after
+        it until the exploration phase ends (so the structure keeps changing at the final sparsity).
+        """
+        return any(schedule is not None and schedule.refreshes(step)
+                   for schedule in (self.pruning.schedule, self.exploration_grid))
 
     def on_phase_start(self, trainer: Trainer, phase: Phase) -> None:
         self.exploring = phase.name == EXPLORATION

@@ -22,11 +22,17 @@ Three phases (``self_study`` and ``co_study`` are fractions of the epochs, ``tut
 * ``tutor`` — the teacher is frozen (eval mode, no gradient) and only distils.
 
 The teacher is updated only in co-study: in the other phases it gets no gradient, so the
-optimizer skips it. Deploy path: :meth:`QKD.finalize` returns a float module whose weights are
-the fake-quantized weights (folded in, on the learned grid) and whose inputs still pass the
-learned activation quantizers, so it reproduces the simulated accuracy. The learned scales are
-not carried into the PT2E int8 graph (that path folds BN and measures its own ranges); ``qkd.json``
-beside the report records the bit width and the model size in bits.
+optimizer skips it. Under DDP the activation steps start from the first batch of *all* ranks
+(:func:`across_ranks`), so the replicas start, and stay, identical.
+
+Deploy path: :meth:`QKD.finalize` returns a float module whose weights are the fake-quantized
+weights (folded in, on the learned grid) and whose inputs still pass the learned activation
+quantizers, so it reproduces the simulated accuracy. It also writes the learned grid
+(``quant_grid.json``, :mod:`asc.compress.grid`: every layer's weight steps per output channel and
+input step), from which :mod:`asc.export.grid` builds the int8 QDQ graph of a W8A8 student with
+exactly these integers and scales instead of calibrating afresh. Lower widths have no int8 graph:
+``qkd.json`` beside the report records the bit width and the model size in bits, and the report's
+accuracy is the simulated one.
 """
 
 from __future__ import annotations
@@ -40,12 +46,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asc.compress.base import Job, Method, StageContext, parse_options, register
+from asc.compress.grid import InputGrid, LayerGrid, QuantGrid, per_channel
 from asc.compress.kd import kd_loss
 from asc.errors import ConfigError
+from asc.io import atomic_write_text
 from asc.train.hooks import Auxiliary, Phase
 
 if TYPE_CHECKING:
@@ -69,9 +78,27 @@ def round_ste(x: Tensor) -> Tensor:
 
 
 def lsq(x: Tensor, step: Tensor, qn: int, qp: int, gradient_scale: float) -> Tensor:
-    """LSQ fake-quant: ``step · round(clip(x / step, qn, qp))`` with the LSQ gradients."""
-    step = grad_scale(step, gradient_scale)
+    """LSQ fake-quant: ``step · round(clip(x / step, qn, qp))`` with the LSQ gradients.
+
+    Without autograd (evaluation, folding) the step is used as stored: the gradient-scaling
+    identity may move it by one float rounding, and the deployed grid is the stored step.
+    """
+    if torch.is_grad_enabled() and step.requires_grad:
+        step = grad_scale(step, gradient_scale)
     return round_ste(torch.clamp(x / step, qn, qp)) * step
+
+
+def across_ranks(value: Tensor, *, mean: bool) -> Tensor:
+    """The mean (else the maximum) of ``value`` over the DDP ranks; ``value`` itself without DDP.
+
+    Activation steps are initialized from the first training batch, which differs per rank; a
+    parameter set in place after DDP's start-up broadcast would leave the replicas apart for good.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM if mean else dist.ReduceOp.MAX)  # gloo has no AVG
+    return value / dist.get_world_size() if mean else value
 
 
 class LSQQuantizer(nn.Module):
@@ -111,14 +138,14 @@ class LSQQuantizer(nn.Module):
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         if not bool(self.sign_known):
-            self.signed.fill_(bool((x < 0).any()))
+            self.signed.fill_(bool(across_ranks((x < 0).any().float(), mean=False)))
             self.sign_known.fill_(True)
         _, qp = self.bounds()
-        if self.weight:
+        if self.weight:  # the weights are the same on every rank
             flat = x.abs().flatten(1) if self.per_channel else x.abs().reshape(1, -1)
             step = (flat.amax(dim=1) / qp).reshape(self.step.shape)
         else:
-            step = 2 * x.abs().mean() / math.sqrt(qp)
+            step = 2 * across_ranks(x.abs().mean(), mean=True) / math.sqrt(qp)
         self.step.copy_(step.clamp_min(1e-8))
         self.initialized.fill_(True)
 
@@ -251,16 +278,10 @@ class QKDOptions:
 
 
 def load_teacher(run: Path, checkpoint: str) -> nn.Module:
-    """A trainable float teacher from a run (a compressed run's float twin, not its exported graph)."""
-    from asc.train.checkpoint import FINALIZED_NAME
+    """A trainable float teacher from a run (a compressed run's float twin, not its finalized program)."""
     from asc.train.evaluate import load_run_model
 
-    run = Path(run)
-    if checkpoint == "last" and (run / FINALIZED_NAME).is_file():
-        checkpoint = "float"
-    model, _ = load_run_model(run, checkpoint)
-    if not any(True for _ in model.parameters()):
-        raise ConfigError(f"qkd.teacher: {run} ({checkpoint}) has no trainable parameters; give a trained run")
+    model, _ = load_run_model(Path(run), checkpoint, trainable=True)
     return model.requires_grad_(True)
 
 
@@ -337,8 +358,21 @@ class QKD(Method):
     def finalize(self, model: nn.Module) -> nn.Module:
         finalized = fold_weights(model, keep_input_quant=True).eval()
         if self.run_dir is not None:
-            (self.run_dir / REPORT_NAME).write_text(json.dumps(self.size_report(model), indent=2) + "\n")
+            atomic_write_text(self.run_dir / REPORT_NAME, json.dumps(self.size_report(model), indent=2) + "\n")
+            self.grid(model).save(self.run_dir)
         return finalized
+
+    def grid(self, model: nn.Module) -> QuantGrid:
+        """The learned grid of every quantized layer: weight steps per output channel, the input's step."""
+        modules = dict(model.named_modules())
+        layers = {}
+        for name, width in self.widths.items():
+            module = modules[name]
+            steps, inputs = module.weight_quant.step, module.input_quant
+            layers[name] = LayerGrid(width, per_channel(steps, module.weight.shape[0]),
+                                     InputGrid(float(inputs.step.detach()), bool(inputs.signed), inputs.bits)
+                                     if bool(inputs.initialized) else None)
+        return QuantGrid(self.name, layers)
 
     def size_report(self, model: nn.Module) -> dict[str, Any]:
         """Bits of the deployable student: quantized weights at their width, everything else at 32."""
@@ -354,7 +388,7 @@ class QKD(Method):
                 "other_params": other, "weight_scales": steps_count, "size_bits": total,
                 "size_bytes": math.ceil(total / 8),
                 "deploy": "float module with the fake-quantized weights folded in and the learned activation "
-                          "quantizers kept (simulated int8 when bits=8); not converted to the PT2E int8 graph"}
+                          "quantizers kept; its grid (quant_grid.json) gives the int8 export at bits=8"}
 
     def settings(self) -> dict[str, Any]:
         return asdict(self.options)

@@ -36,18 +36,28 @@ def predict_logits(dataset: ClipDataset, forward: Callable[[Tensor], Tensor], *,
     return torch.cat(outputs).numpy()
 
 
-def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.device = "cpu"
-                   ) -> tuple[nn.Module, dict]:
+FLOAT_CHECKPOINT = "float"
+"""A compressed run's float twin of its finalized module (``checkpoints/float.pt``)."""
+
+
+def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.device = "cpu", *,
+                   trainable: bool = False) -> tuple[nn.Module, dict]:
     """The model of a run folder in eval mode, plus the checkpoint's metadata.
 
     A compressed run deploys its finalized module (``finalized.pt2``): that is what ``last``
     means there, with the metadata of its float twin (``checkpoints/float.pt``, also loadable
-    by name). Channel-pruned models are rebuilt from the shapes recorded in their spec.
+    by name). ``trainable`` asks for a module to train or distil from (a teacher): the finalized
+    program is inference-only (it may be an int8 graph without parameters), so a compressed
+    run's ``last`` then means its float twin. Channel-pruned models are rebuilt from the shapes
+    recorded in their spec.
     """
     run_dir = Path(run_dir)
     if checkpoint == "last" and (run_dir / FINALIZED_NAME).is_file():
-        state = load_checkpoint(run_dir / "checkpoints" / "float.pt", device)
-        return load_finalized(run_dir / FINALIZED_NAME, device), state  # inference-only already
+        if trainable:
+            checkpoint = FLOAT_CHECKPOINT
+        else:
+            state = load_checkpoint(run_dir / "checkpoints" / f"{FLOAT_CHECKPOINT}.pt", device)
+            return load_finalized(run_dir / FINALIZED_NAME, device), state  # inference-only already
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     state = load_checkpoint(path, device)
     spec = state["model_spec"]

@@ -558,12 +558,20 @@ class Trainer:
         digests = distributed.gather_objects(self.ctx, parameter_digest(self.model))
         if len(set(digests)) != 1:
             raise RuntimeError(f"DDP replicas diverged: parameter digests {digests}")
+        trained = {name: aux.module for name, aux in self.auxiliaries.items() if aux.trainable}
+        # per rank {name: digest} of the trained auxiliaries (teachers, peers): DDP-wrapped like the model
+        aux_digests = distributed.gather_objects(self.ctx, {name: parameter_digest(module)
+                                                            for name, module in trained.items()})
+        if any(rank != aux_digests[0] for rank in aux_digests):
+            raise RuntimeError(f"DDP replicas diverged: auxiliary module digests {aux_digests}")
         if self.ctx.is_main:
             if metrics is None:  # resumed a finished run: report the stored model
                 metrics = self.evaluate(self.data.eval)
             write_report(self.run_dir, metrics, history=self.history, config=self.config,
                          extra={"split": self.config.data.eval_split, "checkpoint": "last",
                                 "world_size": self.ctx.world_size, "parameter_digests": digests,
+                                **({"auxiliary_digests": {name: [rank[name] for rank in aux_digests]
+                                                          for name in trained}} if trained else {}),
                                 "parameters": sum(p.numel() for p in self.model.parameters())})
         distributed.barrier(self.ctx)
         # Release DDP's reducer while the process group is still registered: if the reducer is
