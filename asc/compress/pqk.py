@@ -8,39 +8,37 @@ A composition of the building blocks, not a copy of them:
 * phase 2 — the teacher is the dense tensor (kept + pruned weights) in float with its own batch
   norms; :class:`~asc.compress.kd.Distillation` adds ``T² KL(teacher || student)`` to the
   student's loss, and the teacher learns from the labels. Gradients are routed by construction:
-  the student sees ``w * mask`` (so its losses reach only kept weights) and the teacher sees
-  ``where(mask, w.detach(), w)`` (so its loss reaches only pruned weights). Every other shared
-  tensor (stem, classifier, the student's norms) is detached in the teacher's path.
+  the student sees ``w * mask`` (so its losses reach only kept weights) and the teacher is the
+  :class:`~asc.compress.dense_path.DensePath` that DCIL uses too (``where(mask, w.detach(), w)``,
+  so its loss reaches only pruned weights; every other shared tensor, such as the stem, the
+  classifier and the student's norms, is detached in the teacher's path).
 
 The two phases are declared (``prune-quantize`` for the first ``phase2`` of the run, then
 ``self-distil``), so the loop announces them, logs them per epoch and resumes into the right one.
-The teacher's norms are an auxiliary module: the trainer optimizes, schedules, clips and
-checkpoints them like the model. Only the student is finalized: masks applied, then converted to
-the int8 graph; the pruned values and the teacher's norms are dropped.
+The teacher's norms are an auxiliary module whose forward is the teacher: the trainer optimizes,
+schedules, clips, checkpoints and DDP-wraps them like the model (so under DDP their gradients are
+all-reduced). Only the student is finalized: masks applied, then converted to the int8 graph;
+the pruned values and the teacher's norms are dropped.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from asc.compress.base import Job, Method, StageContext, parse_options, register
+from asc.compress.dense_path import DensePath, batch_norm_names
 from asc.compress.kd import Distillation, SelfTeacher
 from asc.compress.methods import PruneMethod, PruneOptions, QATMethod
-from asc.compress.prune import MASK
 from asc.compress.quant import QATConfig
 from asc.errors import ConfigError
 from asc.train.hooks import Auxiliary, Phase
 
 if TYPE_CHECKING:
     from asc.train.loop import Trainer
-
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @dataclass
@@ -81,9 +79,8 @@ class PQK(Method):
                                                             freeze_observer_epochs=options.freeze_observer_epochs))
         self.distillation = Distillation(SelfTeacher(self.teacher_logits), temperature=options.temperature,
                                          weight=options.kd_weight)
-        self.float_model: nn.Module | None = None
-        self.norm_names: list[str] = []
-        self.teacher_norms = nn.ModuleList()
+        self.dense_path: DensePath | None = None  #: the teacher, made when the model is wrapped
+        self.teacher: Auxiliary | None = None  #: the dense path as the trainer owns it (and DDP-wraps it)
         self.teaching = False
         self.teacher_ready = False
 
@@ -93,30 +90,32 @@ class PQK(Method):
 
     # -- the two paths
 
-    def _float(self) -> nn.Module:
-        if self.float_model is None:
+    def _dense(self) -> DensePath:
+        if self.dense_path is None:
             raise ConfigError("pqk: the model was not wrapped yet; the stage wraps it before training")
-        return self.float_model
+        return self.dense_path
+
+    def _teacher(self) -> Auxiliary:
+        if self.teacher is None:
+            raise ConfigError("pqk: the model was not wrapped yet; the stage wraps it before training")
+        return self.teacher
+
+    @property
+    def norm_names(self) -> list[str]:
+        return self._dense().names
+
+    @property
+    def teacher_norms(self) -> nn.ModuleList:
+        """The teacher's own batch norms, in the order of :attr:`norm_names`."""
+        return self._dense().owned
 
     def teacher_logits(self, x: Tensor) -> Tensor:
         """The dense float network with the teacher's norms; gradients reach only pruned weights."""
-        model = self._float()
-        pruned = {id(module.weight): module.get_buffer(MASK) for module in self.pruning.layers.values()}
-        tensors: dict[str, Tensor] = {}
-        for name, weight in model.named_parameters():
-            mask = pruned.get(id(weight))
-            tensors[name] = weight.detach() if mask is None else torch.where(mask, weight.detach(), weight)
-        for name, norm in zip(self.norm_names, self.teacher_norms, strict=True):
-            tensors.update({f"{name}.{key}": value for key, value in norm.state_dict(keep_vars=True).items()})
-        model.train()
-        return torch.func.functional_call(model, tensors, (x,))
+        return self._teacher()(x)
 
-    @torch.no_grad()
     def _start_teacher(self) -> None:
         """The teacher's norms start as copies of the student's when phase 2 begins."""
-        modules = dict(self._float().named_modules())
-        for name, norm in zip(self.norm_names, self.teacher_norms, strict=True):
-            norm.load_state_dict(modules[name].state_dict())
+        self._dense().restart()
         self.teacher_ready = True
 
     # -- declarations
@@ -125,7 +124,7 @@ class PQK(Method):
         return Phase(PHASE1, fraction=self.options.phase2), Phase(PHASE2)
 
     def auxiliaries(self) -> dict[str, Auxiliary]:
-        return {"teacher_norms": Auxiliary(self.teacher_norms)}
+        return {"teacher_norms": self._teacher()}
 
     def output_keys(self) -> frozenset[str]:
         return frozenset({"logits", "teacher_logits"})
@@ -133,14 +132,12 @@ class PQK(Method):
     # -- hook points
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        self.float_model = model
-        norms = [(name, module) for name, module in model.named_modules() if isinstance(module, _BATCH_NORMS)]
-        self.norm_names = [name for name, _ in norms]
-        self.teacher_norms = nn.ModuleList(copy.deepcopy(module) for _, module in norms)
+        self.dense_path = DensePath(model, self.pruning, batch_norm_names(model))
+        self.teacher = Auxiliary(self.dense_path)
         return self.qat.wrap_model(self.pruning.wrap_model(model))
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return self._float()
+        return self._dense().model
 
     def setup(self, trainer: Trainer) -> None:
         self.qat.setup(trainer)

@@ -218,7 +218,17 @@ class QATModel(nn.Module):
         self.train(True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.prepared(x)
+        if self.training:
+            return self.prepared(x)
+        # the exported graph counts batches even in evaluation, which must change no state (under
+        # DDP only rank 0 evaluates, so the replicas' digests would differ)
+        counts = {name: buffer.clone() for name, buffer in self.prepared.named_buffers()
+                  if name.endswith("num_batches_tracked")}
+        out = self.prepared(x)
+        with torch.no_grad():
+            for name, value in counts.items():
+                self.prepared.get_buffer(name).copy_(value)
+        return out
 
     def train(self, mode: bool = True) -> QATModel:
         for module in self.modules():
