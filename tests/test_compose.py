@@ -36,6 +36,7 @@ FAST = {  # one epoch, the smallest settings that still exercise every method
     "qkd": ["qkd.bits=4"],
     "ppp": ["ppp.sparsity=1.0", "ppp.gate_lr=1000"],
     "ffl": [],
+    "afd": ["afd.disc_channels=16"],
     "dcil": ["dcil.sparsity=0.5", "dcil.warmup=0.0"],
     "ft": ["train.epochs=2", "ft.paraphrase_epochs=1"],
 }

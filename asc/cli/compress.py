@@ -11,9 +11,12 @@ from asc.cli.common import Subparsers, add_command
 
 def _compress(args: argparse.Namespace) -> int:
     from asc.compress.stage import compress_run
+    from asc.train.distributed import launched_rank
 
     out = args.out or args.run.with_name(f"{args.run.name}-{'+'.join(args.method)}")
     outcome = compress_run(args.run, out, args.method, args.overrides, progress=not args.quiet)
+    if launched_rank() != 0:  # under torchrun rank 0 finalizes and reports
+        return 0
     report = json.loads((out / "report.json").read_text())
     size = report["complexity"]
     accuracy = report["metrics"]["accuracy"]

@@ -39,10 +39,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), readable after the group is gone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(device: str = "auto") -> DistContext:
     """Join the process group torchrun describes, or return a single-process context."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
