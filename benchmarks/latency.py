@@ -2,6 +2,7 @@
 planned mixed precision), torchao PT2E int8 in torch, at 1 and 2 threads, in one run.
 
     python benchmarks/latency.py [--width 40] [--prune 0.5] [--repeats 20] [--run RUN_DIR] [--profile]
+    python benchmarks/latency.py --bundle BUNDLE [--threads 1 2] [--repeats 30]
 
 Weights are random (BN statistics from a few forward passes on noise), which is fine for
 latency; agreement on random weights and noise inputs is only a smoke test. ``--run`` adds the
@@ -10,7 +11,10 @@ its eval clips. Input: one 10-s clip at 44.1 kHz as log-mel (256 x 431, n_fft 20
 batch 1. Every variant of one thread count is timed round-robin (each repetition runs all of
 them once) because the machine is shared; ratios are from the same loop. ``--profile`` prints
 onnxruntime's per-op-type kernel time for fp32 and both int8 graphs (1 thread); ``--steps`` times
-the int8-friendly rewrites one by one.
+the int8-friendly rewrites one by one. ``--bundle`` times an exported (external front end) bundle's
+model against the fp32 graph of the run it came from, side by side per thread count, and prints
+what its export measured (agreement on held-out clips, the int8 search, the precision decision).
+Every run prints the CPU model and its int8 flags first: the ratios are only true of that CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asc.bench import Timing, interleaved, session_options  # noqa: E402
+from asc.bench import Timing, cpu_line, interleaved, session_options  # noqa: E402
+from asc.bundle_manifest import BundleManifest  # noqa: E402
 from asc.compress.prune import prune_channels  # noqa: E402
 from asc.export.onnx import export_frontend, ort_session, save_onnx, torch_to_onnx  # noqa: E402
 from asc.export.precision import (  # noqa: E402
@@ -214,6 +219,43 @@ def print_profile(paths: dict[str, Path], feed: np.ndarray) -> None:
     print(f"  {'total':<22}" + "".join(f"{sum(p.values()):14.2f}" for p in profiles.values()))
 
 
+def bundle_latency(bundle: Path, thread_counts: list[int], repeats: int, work: Path) -> None:
+    """A bundle's shipped model against its run's fp32 graph, round-robin per thread count (batch 1)."""
+    from asc.export import open_run
+
+    manifest = BundleManifest.read(bundle)
+    if manifest.frontend_in_graph:
+        raise SystemExit(f"{bundle}: export it with the external front end to time the model alone")
+    run = open_run(manifest.source["run"], manifest.source["checkpoint"])
+    shape = [int(d) for d in manifest.input_shape[1:]]
+    fp32 = save_onnx(torch_to_onnx(run.model, torch.zeros(2, *shape), input_name=manifest.input_name),
+                     work / "fp32.onnx")
+    feed = log_mel_like(1, (shape[1], shape[2]), seed=1000)
+    m, source = manifest.metrics, manifest.source
+    print(f"{bundle}: {manifest.precision}, input {'x'.join(map(str, shape))}; parity on {m['clips']} held-out "
+          f"clips: top-1 {m['top1_agreement']:.2%} vs {m['agreement_with']}, max |dlogit| "
+          f"{m['max_abs_logit_diff']:.3g}")
+    if source.get("precision_decision"):
+        print(f"  decision: {source['precision_decision']['reason']}")
+    searched = source.get("int8_search")
+    if searched:
+        print(f"  search: {searched['plan']['calibration']} calibration (tried {searched['calibrations']}), "
+              f"{len(searched['float_tensors'])} of {searched['candidates']} tensors float, "
+              f"{searched['agreement']:.2%} on {searched['search_clips']} search clips")
+        for tensor in searched["float_tensors"]:
+            print(f"    float {tensor['tensor']} ({tensor['producer']}): removed {tensor['error_removed']:.1%}")
+    for threads in thread_counts:
+        sessions = {name: ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+                    for name, path in (("ONNX fp32", fp32), (f"bundle {manifest.precision}",
+                                                             manifest.model_path(bundle)))}
+        calls = {name: (lambda s=s: s.run(None, {manifest.input_name: feed})) for name, s in sessions.items()}
+        timings = interleaved(calls, repeats=repeats)
+        base = timings["ONNX fp32"].median_ms
+        for name, t in timings.items():
+            print(f"  {threads} thread{'s' if threads > 1 else ' '} {name:<14} {t.median_ms:8.2f} ms  "
+                  f"{t.median_ms / base:5.2f}x ONNX fp32")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=40)
@@ -231,7 +273,13 @@ def main() -> None:
     parser.add_argument("--no-pt2e", action="store_true", help="skip the torchao PT2E int8 model (~1 min to build)")
     parser.add_argument("--profile", action="store_true", help="per-op-type kernel time, fp32 vs int8 (1 thread)")
     parser.add_argument("--steps", action="store_true", help="time the rewrites one by one (cumulative, 1 thread)")
+    parser.add_argument("--bundle", type=Path, help="time this bundle's model against its run's fp32 graph, only")
     args = parser.parse_args()
+    print(f"cpu: {cpu_line()}; onnxruntime {ort.__version__}")
+    if args.bundle is not None:
+        with tempfile.TemporaryDirectory(prefix="asc-latency-") as tmp:
+            bundle_latency(args.bundle, args.threads, args.repeats, Path(tmp))
+        return
 
     features = FeatureConfig()
     shape = (features.n_mels, features.num_frames(int(CLIP_SECONDS * features.sample_rate)))

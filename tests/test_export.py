@@ -25,6 +25,7 @@ from asc.export import (
     export_onnx,
     export_run,
     export_trained,
+    format_summary,
     fusion_census,
     open_run,
     ort_session,
@@ -102,8 +103,8 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path):
         export_run(tmp_path / "empty", tmp_path / "b")
     with pytest.raises(ConfigError, match="percentile"):
         Int8Options(calibration="percentile", percentile=0.0)
-    with pytest.raises(ConfigError, match="calibration"):
-        Int8Options(calibration="entropy")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="calibration must be one of minmax, percentile, entropy"):
+        Int8Options(calibration="kl")  # type: ignore[arg-type]
     assert not (tmp_path / "b").exists()
 
 
@@ -361,3 +362,68 @@ def test_phone_bundle_script(trained, tmp_path: Path, capsys: pytest.CaptureFixt
     np.testing.assert_allclose(run_file(out / "model.ort", trained.log_mel), trained.reference, atol=1e-4)
     assert script.main([str(trained.run_dir / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "phone_bundle: error:" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- accuracy-aware int8 search
+
+
+@pytest.mark.slow
+def test_search_reaches_the_bar_with_few_float_tensors_and_helps_on_held_out_clips(trained, tmp_path: Path):
+    """The plan search on a really trained model: the bar is one search clip above what the plain
+    planned int8 reaches; the search must reach it keeping a few tensors float (not all of them),
+    and on the clips it never saw the result must be further from flipping fp32's decisions."""
+    from asc.export.precision import quantize_planned
+    from asc.export.search import _flip_loss, search_int8
+
+    cnn = export_onnx(trained.run.model, trained.log_mel[:2], tmp_path / "cnn.onnx", input_name="log_mel")
+    calibration = list(sample_clips(trained.train_mels, 16, split="train").batches())
+    order = np.random.default_rng(0).permutation(trained.eval_size)
+    search, held_out = order[: trained.eval_size // 2], order[trained.eval_size // 2:]
+    x = trained.log_mel.numpy()
+    fp32 = run_file(cnn, trained.log_mel)
+    plain = run_file(quantize_planned(cnn, tmp_path / "plain.onnx", calibration), trained.log_mel)
+    start = float((plain[search].argmax(1) == fp32[search].argmax(1)).mean())
+    assert start < 1.0  # a model this small flips some decisions, so the search has work to do
+    bar = start + 1 / len(search)
+    report = search_int8(cnn, tmp_path / "searched.onnx", calibration, x[search], calibrations=("minmax",),
+                         min_agreement=bar, sensitivity_clips=16, expand_groups=2, max_float=4)
+    assert report.calibrations == {"minmax": pytest.approx(start)} and report.steps[0] == (0, pytest.approx(start))
+    assert report.reached and report.agreement >= bar - 1e-9
+    assert [count for count, _ in report.steps] == list(range(len(report.steps)))  # one tensor per step
+    agreements = [value for _, value in report.steps]
+    assert agreements == sorted(agreements)  # a step is taken only when it helps
+    assert 0 < len(report.float_tensors) <= 4 and report.candidates > 100  # a few of >100 quantized tensors
+    assert all(t.error_removed > 0 for t in report.float_tensors)
+    searched = run_file(tmp_path / "searched.onnx", trained.log_mel)
+    assert float((searched[search].argmax(1) == fp32[search].argmax(1)).mean()) == pytest.approx(report.agreement)
+    assert _flip_loss(searched[held_out], fp32[held_out]) < _flip_loss(plain[held_out], fp32[held_out])
+    text = report.format()
+    assert "kept float" in text and report.float_tensors[0].tensor in text
+
+
+@pytest.mark.slow
+def test_auto_precision_ships_int8_when_it_passes_else_fp32_with_the_reason(trained, tmp_path: Path, capsys):
+    options = {"frontend": "external", "calibration_clips": 16, "parity_clips": 60, "ort_format": False,
+               "progress": False}
+    manifest = export_trained(trained.run, tmp_path / "auto", min_agreement=0.5, **options)  # "auto" is the default
+    decision = manifest.source["precision_decision"]
+    assert manifest.precision == "int8" and decision["chosen"] == "int8" and decision["requested"] == "auto"
+    assert decision["int8_top1_agreement"] == pytest.approx(manifest.metrics["top1_agreement"])
+    assert decision["clips"] == 60 and "shipped int8" in decision["reason"]
+    searched = manifest.source["int8_search"]
+    assert searched["search_clips"] == trained.eval_size - 60  # the eval clips outside the parity sample
+    assert searched["reached"] and searched["plan"]["calibration"] == "minmax"
+    assert "precision: int8 agrees" in format_summary(tmp_path / "auto", manifest)
+
+    clipped = PrecisionPlan(calibration="percentile", percentile=90.0)  # clips 10 % of every activation
+    manifest = export_trained(trained.run, tmp_path / "fp32", int8=clipped, search_clips=0, min_agreement=0.6,
+                              **options)
+    decision = manifest.source["precision_decision"]
+    assert manifest.precision == "fp32" and decision["chosen"] == "fp32" and decision["int8_top1_agreement"] < 0.6
+    assert manifest.metrics["agreement_with"] == "torch" and manifest.metrics["parity_gate_passed"]
+    assert manifest.source["int8_search"] is None and manifest.source["quantization"] is None
+    err = capsys.readouterr().err
+    assert f"asc export: {decision['reason']}" in err and "shipped fp32" in decision["reason"]
+    assert json.loads((tmp_path / "fp32" / MANIFEST_NAME).read_text())["source"]["precision_decision"] == decision
+    with pytest.raises(ConfigError, match="search_clips"):
+        export_trained(trained.run, tmp_path / "bad", search_clips=-1, **options)

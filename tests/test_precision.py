@@ -29,6 +29,7 @@ from asc.export.precision import (
     NAIVE_PLAN,
     PlanMeasurement,
     PrecisionPlan,
+    _constants,
     _next_step,
     node_groups,
     plan_precision,
@@ -36,6 +37,7 @@ from asc.export.precision import (
     rewrite_for_int8,
     share_concat_ranges,
 )
+from asc.export.search import keep_float, quantized_activations, quantized_weights
 from asc.export.verify import Agreement, fusion_census
 from asc.models import FreqNorm, build_model
 
@@ -238,8 +240,9 @@ def test_plan_validation_and_round_trip() -> None:
     assert set(GROUPS) >= set(DEFAULT_FLOAT_GROUPS)
     with pytest.raises(ConfigError, match="unknown precision groups"):
         PrecisionPlan(float_groups=("norms",))
-    with pytest.raises(ConfigError):
-        PrecisionPlan(calibration="entropy")  # type: ignore[arg-type]
+    assert PrecisionPlan(calibration="entropy").int8_options().calibration == "entropy"
+    with pytest.raises(ConfigError, match="calibration must be one of minmax, percentile, entropy"):
+        PrecisionPlan(calibration="kl")  # type: ignore[arg-type]
     assert NAIVE_PLAN.rewrites == () and NAIVE_PLAN.float_groups == ()
 
 
@@ -321,3 +324,36 @@ def test_rewrites_keep_a_qat_graph_exact(tmp_path: Path) -> None:
         # identical here (0.0 both ways); a CPU whose float kernels round the per-band affine one
         # ulp differently may move a value across a uint8 step in a few clips, never in most
         assert np.median(per_clip) <= 1e-5 * scale and per_clip.max() <= 0.05 * scale
+
+
+# ------------------------------------------------------------------------ accuracy-aware search
+
+
+def test_keeping_every_tensor_float_gives_back_the_float_model(exported: Path, tmp_path: Path) -> None:
+    """``keep_float`` undoes exactly the quantization of what it is given: with every activation
+    and weight float, the Q/DQ simulation is the fp32 graph up to the int32 biases' rounding.
+    Float arithmetic only (``fused=False``), so the numbers do not depend on the CPU's int8 kernels;
+    the ReLUs that the quantizer folded into zero-point clamps must come back for this to hold."""
+    int8 = quantize_planned(exported, tmp_path / "int8.onnx", [_inputs(4, seed=s) for s in range(2)])
+    model = onnx.load(str(int8))
+    values = _constants(rewrite_for_int8(onnx.load(str(exported)))[0].graph)
+    activations, weights = quantized_activations(model), quantized_weights(model, values)
+    assert len(activations) > 50 and len(weights) == fusion_census(int8).quantized_convs
+    everything = keep_float(model, [*activations, *weights], values)
+    ops = Counter(n.op_type for n in everything.graph.node)
+    assert ops["QuantizeLinear"] == 0 and ops["Relu"] > 0  # only the int32 bias DequantizeLinears are left
+    x = _inputs(8, seed=5)
+    reference = _run(exported, x)
+    path = tmp_path / "float.onnx"
+    onnx.save_model(everything, str(path))
+    scale = np.abs(reference).max()
+    assert np.abs(run_onnx(path, x, fused=False) - reference).max() < 1e-3 * scale
+    assert np.abs(run_onnx(int8, x, fused=False) - reference).max() > 1e-2 * scale  # the quantization it undid
+    one = keep_float(model, activations[:1])
+    assert sum(n.op_type == "QuantizeLinear" for n in one.graph.node) == ops_count(model, "QuantizeLinear") - 1
+    with pytest.raises(ConfigError, match="not quantized activations or weights"):
+        keep_float(model, ["no_such_tensor"])
+
+
+def ops_count(model: onnx.ModelProto, op: str) -> int:
+    return sum(n.op_type == op for n in model.graph.node)

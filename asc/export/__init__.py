@@ -1,7 +1,8 @@
 """Export: a trained run -> fp32 or int8 QDQ ONNX (front end in the graph or not) -> verified bundle.
 
-:func:`export_run` is the entry point; :mod:`asc.export.onnx` holds the conversions and
-:mod:`asc.export.verify` the checks every export passes (parity, fusion census, gate).
+:func:`export_run` is the entry point; :mod:`asc.export.onnx` holds the conversions,
+:mod:`asc.export.search` the accuracy-aware int8 search and :mod:`asc.export.verify` the checks
+every export passes (parity, fusion census, gate).
 """
 
 from asc.export.bundle import (
@@ -34,6 +35,7 @@ from asc.export.onnx import (
     strip_onnx,
     torch_to_onnx,
 )
+from asc.export.search import SearchReport, keep_float, search_int8
 from asc.export.verify import (
     Agreement,
     Candidate,
@@ -60,6 +62,7 @@ __all__ = [
     "OrtFiles",
     "ParityGate",
     "ParityReport",
+    "SearchReport",
     "TrainedRun",
     "check_model",
     "compare_logits",
@@ -73,6 +76,7 @@ __all__ = [
     "format_summary",
     "fusion_census",
     "is_quantized_graph",
+    "keep_float",
     "measure_parity",
     "nodes_inside",
     "open_run",
@@ -83,6 +87,7 @@ __all__ = [
     "run_onnx",
     "sample_clips",
     "save_onnx",
+    "search_int8",
     "split_dataset",
     "strip_onnx",
     "torch_to_onnx",

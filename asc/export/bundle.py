@@ -18,6 +18,7 @@ One bundle per DCASE 2025 device model is exported here; :func:`asc.bundle_manif
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +34,6 @@ from asc.bundle_manifest import (
     MANIFEST_NAME,
     PARITY_NAME,
     BundleManifest,
-    Precision,
     atomic_dir,
     check_destination,
 )
@@ -42,6 +42,7 @@ from asc.data.clips import ClipSet
 from asc.data.loader import ClipDataset
 from asc.errors import AscError, ConfigError
 from asc.export.onnx import (
+    CALIBRATIONS,
     FEATURE_INPUT,
     FRONTEND_INPUT,
     OUTPUT,
@@ -59,13 +60,16 @@ from asc.export.onnx import (
     torch_to_onnx,
 )
 from asc.export.precision import PrecisionPlan, quantize_planned
+from asc.export.search import SearchReport, search_int8
 from asc.export.verify import (
     DEFAULT_MIN_AGREEMENT,
     Candidate,
     ClipSample,
     ParityReport,
+    compare_logits,
     enforce_gate,
     measure_parity,
+    onnx_outputs,
 )
 from asc.feature_spec import FRONTEND_ARRAYS_NAME, FrontendArrays
 from asc.features import FeatureConfig, LogMel
@@ -75,7 +79,11 @@ from asc.train.evaluate import load_run_model
 
 Frontend = Literal["in-graph", "external"]
 FRONTENDS: tuple[str, ...] = ("in-graph", "external")
-PRECISIONS: tuple[str, ...] = ("fp32", "int8")
+ExportPrecision = Literal["auto", "fp32", "int8"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8")
+"""``auto``: int8 when it passes the parity gate on held-out clips, else fp32 (the reason recorded)."""
+SEARCH_CLIPS = 256
+"""Eval-split clips outside the parity sample that the int8 search may use (0: no search)."""
 MODEL_NAME = "model.onnx"
 
 
@@ -145,14 +153,19 @@ def split_dataset(run: TrainedRun, clipset: ClipSet, split: str, *, as_features:
                         progress=progress)
 
 
-def sample_clips(dataset: ClipDataset, count: int | None, *, split: str, seed: int = 0) -> ClipSample:
+def sample_clips(dataset: ClipDataset, count: int | None, *, split: str, seed: int = 0,
+                 exclude: ClipSample | None = None) -> ClipSample:
     """``count`` clips drawn without replacement (all when None), in dataset order.
 
     Random rather than the first ``count``: splits are often sorted by scene or device.
+    ``exclude``: a sample of the same split whose clips may not be drawn (the int8 search clips
+    must not be the clips the gate is measured on).
     """
-    total = len(dataset)
-    count = total if count is None else min(count, total)
-    indices = np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+    pool = np.arange(len(dataset))
+    if exclude is not None:
+        pool = np.setdiff1d(pool, exclude.indices)
+    count = len(pool) if count is None else min(count, len(pool))
+    indices = np.sort(np.random.default_rng(seed).choice(pool, size=count, replace=False))
     return ClipSample(dataset.source, indices, np.asarray(dataset.targets)[indices],
                       [dataset.clips[int(i)].device for i in indices], list(dataset.labels), split)
 
@@ -162,7 +175,9 @@ def sample_clips(dataset: ClipDataset, count: int | None, *, split: str, seed: i
 
 
 def _check_options(precision: str, frontend: str, calibration_clips: int, parity_clips: int | None,
-                   min_agreement: float) -> None:
+                   min_agreement: float, search_clips: int) -> None:
+    if search_clips < 0:
+        raise ConfigError(f"search_clips must be 0 (no int8 search) or more, got {search_clips}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if frontend not in FRONTENDS:
@@ -175,9 +190,10 @@ def _check_options(precision: str, frontend: str, calibration_clips: int, parity
         raise ConfigError(f"min_agreement must be in [0, 1], got {min_agreement}")
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "last", precision: Precision = "fp32",
-               frontend: Frontend = "external", int8: PrecisionPlan | None = None, calibration_clips: int = 256,
-               parity_clips: int | None = 512, min_agreement: float = DEFAULT_MIN_AGREEMENT, force: bool = False,
+def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "last",
+               precision: ExportPrecision = "auto", frontend: Frontend = "external", int8: PrecisionPlan | None = None,
+               calibration_clips: int = 256, parity_clips: int | None = 512, search_clips: int = SEARCH_CLIPS,
+               min_agreement: float = DEFAULT_MIN_AGREEMENT, force: bool = False,
                ort_format: bool = True, ort_target: Literal["arm", "amd64"] | None = None,
                progress: bool = True) -> BundleManifest:
     """Export ``run_dir``'s model (``checkpoints/<checkpoint>.pt``) as a verified bundle in ``out_dir``.
@@ -185,14 +201,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "l
     The options are :func:`export_trained`'s.
     """
     return export_trained(open_run(run_dir, checkpoint), out_dir, precision=precision, frontend=frontend, int8=int8,
-                          calibration_clips=calibration_clips, parity_clips=parity_clips,
+                          calibration_clips=calibration_clips, parity_clips=parity_clips, search_clips=search_clips,
                           min_agreement=min_agreement, force=force, ort_format=ort_format, ort_target=ort_target,
                           progress=progress)
 
 
-def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision = "fp32",
+def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: ExportPrecision = "auto",
                    frontend: Frontend = "external", int8: PrecisionPlan | None = None,
-                   calibration_clips: int = 256, parity_clips: int | None = 512,
+                   calibration_clips: int = 256, parity_clips: int | None = 512, search_clips: int = SEARCH_CLIPS,
                    min_agreement: float = DEFAULT_MIN_AGREEMENT, force: bool = False, ort_format: bool = True,
                    ort_target: Literal["arm", "amd64"] | None = None, progress: bool = True) -> BundleManifest:
     """Write a verified bundle of ``run``'s model into ``out_dir`` (replacing an older bundle).
@@ -202,15 +218,22 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision
     * ``precision="int8"``: post-training QDQ quantization under the mixed-precision plan ``int8``
       (:func:`~asc.export.precision.quantize_planned`; default: the plan measured fastest on x86,
       docs/export-latency.md) calibrated on ``calibration_clips`` training clips; a model that already
-      is an int8 QAT graph is exported as is.
+      is an int8 QAT graph is exported as is. With ``search_clips`` > 0 the int8 file comes from
+      :func:`~asc.export.search.search_int8`: the calibration that agrees best and the fewest
+      tensors kept float that reach ``min_agreement`` on up to ``search_clips`` eval-split clips
+      *outside* the parity sample (none left: no search, noted).
+    * ``precision="auto"`` (the default): int8 as above when it passes the gate on the parity
+      clips, else fp32; ``source.precision_decision`` in ``bundle.json`` says which and why, and
+      the reason for fp32 is printed on stderr. A QAT graph is int8 either way.
     * Parity runs on ``parity_clips`` clips of the eval split (None: all). A deployed model whose
       top-1 agreement with its source is below ``min_agreement`` is refused unless ``force``.
     * ``ort_format`` adds ``model.ort`` when onnxruntime converts it (``ort_target="arm"`` for
       phones); a failed conversion is noted in ``parity.json``, not fatal.
     """
-    _check_options(precision, frontend, calibration_clips, parity_clips, min_agreement)
+    _check_options(precision, frontend, calibration_clips, parity_clips, min_agreement, search_clips)
     out_dir = Path(out_dir)
     check_destination(out_dir)
+    calibrations = CALIBRATIONS if int8 is None else (int8.calibration,)  # a given plan keeps its calibration
     int8 = int8 or PrecisionPlan()
     in_graph = frontend == "in-graph"
     run.model.eval()  # not chained: an exported graph's eval() may return None
@@ -218,18 +241,32 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision
     if qat_graph and precision == "fp32":
         raise AscError(f"{run.run_dir}: the model is an int8 quantization-aware-trained graph; export it as int8 "
                        "(--int8)")
+    requested = precision
+    if qat_graph:
+        precision = "int8"
     clipset = run_clipset(run, progress=progress)
     eval_split = run.config.data.eval_split
     parity = sample_clips(split_dataset(run, clipset, eval_split, as_features=not in_graph, progress=progress),
                           parity_clips, split=eval_split)
-    deployed = "onnx_int8" if precision == "int8" else "onnx_fp32"
+    quantize = precision in ("int8", "auto") and not qat_graph
+    search = None
+    if quantize and search_clips:
+        search = sample_clips(split_dataset(run, clipset, eval_split, as_features=True, progress=progress),
+                              search_clips, split=eval_split, seed=1, exclude=parity)
 
     with tempfile.TemporaryDirectory(prefix="asc-export-") as tmp, atomic_dir(out_dir) as stage:
         notes: list[str] = []
-        built = _model_files(run, Path(tmp), quantize=precision == "int8" and not qat_graph, in_graph=in_graph,
-                             int8=int8, clipset=clipset, calibration_clips=calibration_clips, notes=notes,
-                             progress=progress)
+        built = _model_files(run, Path(tmp), quantize=quantize, in_graph=in_graph, int8=int8, clipset=clipset,
+                             calibration_clips=calibration_clips, search=search, calibrations=calibrations,
+                             min_agreement=min_agreement, notes=notes, progress=progress)
         files = dict(built.files)
+        decision = _decide(requested, files, parity, min_agreement, progress=progress) if precision == "auto" else None
+        if decision is not None:
+            precision = decision["chosen"]
+            if precision == "fp32":
+                del files["onnx_int8"]
+                print(f"asc export: {decision['reason']}", file=sys.stderr)
+        deployed = "onnx_int8" if precision == "int8" else "onnx_fp32"
         shipped = onnx.load(str(files[deployed]))
         compact_onnx(shipped)  # the gate below measures the compacted file: the one that ships
         files[deployed] = save_onnx(shipped, stage / MODEL_NAME)
@@ -253,13 +290,15 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: Precision
             ort_files.operators.unlink()
             report = replace(report, notes=[*report.notes, "model.ort dropped: it disagrees with model.onnx"])
             ort_files = None
-        quantization = None if precision == "fp32" else "qat" if qat_graph else f"ptq-{int8.calibration}"
+        calibrated_with = built.search.plan.calibration if built.search else int8.calibration
+        quantization = None if precision == "fp32" else "qat" if qat_graph else f"ptq-{calibrated_with}"
         sizes = {**model_bytes(files[deployed]).to_dict(), "container": container.stat().st_size,
                  "ort": ort_files.model.stat().st_size if ort_files else None}
         manifest = _manifest(run, precision, in_graph, report, deployed,
                              ort_file=ort_files.model.name if ort_files else None, quantization=quantization,
                              calibration_clips=built.calibration_clips, int8=int8_operands(files[deployed]),
-                             container_file=container.name, sizes=sizes)
+                             container_file=container.name, sizes=sizes, decision=decision,
+                             search=built.search)
         if not in_graph:
             FrontendArrays.compute(run.features).save(stage / FRONTEND_ARRAYS_NAME)
         (stage / PARITY_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -279,10 +318,12 @@ class _ModelFiles:
     files: dict[str, Path]  #: "onnx_fp32" and/or "onnx_int8"
     frontend: Path | None  #: the front end's own graph, when it went into the models
     calibration_clips: int | None  #: training clips that calibrated post-training int8
+    search: SearchReport | None = None  #: what the int8 search chose, when it ran
 
 
 def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, in_graph: bool, int8: PrecisionPlan,
-                 clipset: ClipSet, calibration_clips: int, notes: list[str], progress: bool) -> _ModelFiles:
+                 clipset: ClipSet, calibration_clips: int, search: ClipSample | None, calibrations: tuple[str, ...],
+                 min_agreement: float, notes: list[str], progress: bool) -> _ModelFiles:
     """The ONNX files to check, by name, built in ``scratch``.
 
     One path for every case: the CNN on log-mels is exported (a QAT graph is already int8),
@@ -293,7 +334,7 @@ def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, in_graph: bo
     features = run.features
     example = torch.zeros(2, 1, features.n_mels, features.num_frames(run.clip_samples))
     exported = torch_to_onnx(run.model, example, input_name=FEATURE_INPUT, output_name=OUTPUT)
-    calibrated = None
+    calibrated, searched = None, None
     if is_quantized_graph(run.model):
         files = {"onnx_int8": save_onnx(exported, scratch / "cnn_int8.onnx")}
     else:
@@ -303,21 +344,46 @@ def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, in_graph: bo
             split = run.config.data.train_split
             calibration = sample_clips(split_dataset(run, clipset, split, as_features=True, progress=progress),
                                        calibration_clips, split=split)
-            files["onnx_int8"] = quantize_planned(files["onnx_fp32"], scratch / "cnn_int8.onnx",
-                                                  calibration.batches(), int8, float_nodes=norm_nodes)
-            calibrated = len(calibration)
+            int8_path, calibrated = scratch / "cnn_int8.onnx", len(calibration)
+            if search is not None and len(search):
+                searched = search_int8(files["onnx_fp32"], int8_path, list(calibration.batches()),
+                                       np.concatenate(list(search.batches())), plan=int8, calibrations=calibrations,
+                                       min_agreement=min_agreement, float_nodes=norm_nodes)
+                files["onnx_int8"] = int8_path
+                notes.append(searched.format())
+            else:
+                files["onnx_int8"] = quantize_planned(files["onnx_fp32"], int8_path, calibration.batches(), int8,
+                                                      float_nodes=norm_nodes)
+                notes.append("int8: no search (no eval clips outside the parity sample, or search_clips=0)")
             notes.append(f"int8: {len(norm_nodes)} frequency-norm nodes kept float, calibrated on {calibrated} "
-                         f"'{split}' clips ({int8.calibration})")
+                         f"'{split}' clips ({searched.plan.calibration if searched else int8.calibration})")
     if not in_graph:
-        return _ModelFiles(files, None, calibrated)
+        return _ModelFiles(files, None, calibrated, searched)
     frontend = export_frontend(features, run.clip_samples, scratch / "frontend.onnx")
     joined = {name: compose_frontend(frontend, path, scratch / f"{name}.onnx") for name, path in files.items()}
-    return _ModelFiles(joined, frontend, calibrated)
+    return _ModelFiles(joined, frontend, calibrated, searched)
+
+
+def _decide(requested: str, files: dict[str, Path], parity: ClipSample, min_agreement: float, *,
+            progress: bool) -> dict[str, Any]:
+    """``precision="auto"``: int8 when its top-1 agreement with fp32 on the held-out parity clips
+    passes the gate, else fp32; the record (with a one-line reason) goes into ``bundle.json``."""
+    reference = onnx_outputs(files["onnx_fp32"], parity, desc="decide fp32", progress=progress)
+    agreement = compare_logits(reference, onnx_outputs(files["onnx_int8"], parity, desc="decide int8",
+                                                       progress=progress),
+                               reference_name="onnx_fp32", candidate_name="onnx_int8")
+    passed = agreement.top1_agreement >= min_agreement
+    reason = (f"int8 agrees with fp32 on {agreement.top1_agreement:.2%} of {len(parity)} held-out clips "
+              f"(gate {min_agreement:.0%}): "
+              + ("shipped int8" if passed else "shipped fp32; --int8 --force writes int8 anyway"))
+    return {"requested": requested, "chosen": "int8" if passed else "fp32", "reason": reason,
+            "int8_top1_agreement": agreement.top1_agreement, "clips": len(parity), "min_agreement": min_agreement}
 
 
 def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityReport, deployed: str, *,
               ort_file: str | None, quantization: str | None, calibration_clips: int | None,
-              int8: dict[str, Any] | None, container_file: str, sizes: dict[str, int | None]) -> BundleManifest:
+              int8: dict[str, Any] | None, container_file: str, sizes: dict[str, int | None],
+              decision: dict[str, Any] | None, search: SearchReport | None) -> BundleManifest:
     features = run.features
     gated = report.comparison(deployed)
     input_shape: list[int | str] = (["batch", run.clip_samples] if in_graph else
@@ -342,6 +408,7 @@ def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityRep
             "run": str(run.run_dir.resolve()), "checkpoint": run.checkpoint, "epoch": run.state.get("epoch"),
             "model": run.state["model_spec"], "quantization": quantization,
             "calibration_clips": calibration_clips, "int8_operands": int8,
+            "precision_decision": decision, "int8_search": search.to_dict() if search else None,
         },
         asc_version=asc.__version__,
     )
@@ -367,8 +434,8 @@ def format_summary(bundle_dir: str | Path, manifest: BundleManifest) -> str:
     shape = "x".join(str(d) for d in manifest.input_shape)
     groups = ", ".join(f"{g} {a:.1%}" for g, a in m["accuracy"]["per_group"].items())
     lines = [
-        f"{bundle_dir}: {manifest.precision}, front end {'in the graph' if manifest.frontend_in_graph else 'external'}"
-        f", input {manifest.input_name} {shape}",
+        (f"{bundle_dir}: {manifest.precision}, front end {'in the graph' if manifest.frontend_in_graph else 'external'}"
+         f", input {manifest.input_name} {shape}"),
         f"  files: {', '.join(files)}",
         f"  parity on {m['clips']} '{m['split']}' clips: top-1 agreement with {m['agreement_with']} "
         f"{m['top1_agreement']:.2%}, max |dlogit| {m['max_abs_logit_diff']:.3g}"
@@ -378,16 +445,29 @@ def format_summary(bundle_dir: str | Path, manifest: BundleManifest) -> str:
     ]
     if manifest.precision == "int8":
         lines.append(f"  int8 convs: {m['qlinear_convs']} of {m['convs']} run as QLinearConv")
+        searched = manifest.source.get("int8_search")
+        if searched:
+            lines.append(f"  int8 search: {searched['plan']['calibration']} calibration, "
+                         f"{len(searched['float_tensors'])} of {searched['candidates']} tensors kept float")
+    decision = manifest.source.get("precision_decision")
+    if decision:
+        lines.append(f"  precision: {decision['reason']}")
     return "\n".join(lines)
 
 
 def run_export_command(run_dir: str | Path, out_dir: str | Path, *, int8: bool = False,
-                       frontend: Frontend = "external", force: bool = False, checkpoint: str = "last",
-                       calibration_clips: int = 256, parity_clips: int | None = 512,
+                       precision: ExportPrecision | None = None, frontend: Frontend = "external",
+                       force: bool = False, checkpoint: str = "last", calibration_clips: int = 256,
+                       parity_clips: int | None = 512, search_clips: int = SEARCH_CLIPS,
                        progress: bool = True) -> BundleManifest:
-    """``asc export``: write the bundle and print its summary (errors propagate as AscError)."""
-    manifest = export_run(run_dir, out_dir, checkpoint=checkpoint, precision="int8" if int8 else "fp32",
+    """``asc export``: write the bundle and print its summary (errors propagate as AscError).
+
+    The precision is ``precision`` when given (``auto``: int8 when it passes the gate, else fp32),
+    else int8 with ``int8`` (``--int8``: int8 or refused at the gate), else fp32.
+    """
+    precision = precision or ("int8" if int8 else "fp32")
+    manifest = export_run(run_dir, out_dir, checkpoint=checkpoint, precision=precision,
                           frontend=frontend, force=force, calibration_clips=calibration_clips,
-                          parity_clips=parity_clips, progress=progress)
+                          parity_clips=parity_clips, search_clips=search_clips, progress=progress)
     print(format_summary(out_dir, manifest))
     return manifest

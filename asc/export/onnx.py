@@ -258,6 +258,12 @@ FloatNodes = Collection[str] | Callable[[onnx.ModelProto], Collection[str]]
 """Node names to keep float, or a function that picks them from the pre-processed graph."""
 WeightBits = Literal[7, 8]
 WEIGHT_BITS: tuple[int, ...] = (7, 8)
+Calibration = Literal["minmax", "percentile", "entropy"]
+CALIBRATIONS: tuple[str, ...] = ("minmax", "percentile", "entropy")
+_CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                        "entropy": CalibrationMethod.Entropy}
+CALIBRATION_CHUNK = 4
+"""Clips per calibration step: bounds the activations a histogram calibrator holds at once."""
 
 
 @dataclass(frozen=True)
@@ -267,8 +273,10 @@ class Int8Options:
     ``keep_float`` is how a mixed-precision plan (:mod:`asc.export.precision`) plugs in: names
     refer to nodes of the graph after ``quant_pre_process`` (the fp32 export's names survive it),
     and a callable receives that graph to choose by pattern (e.g. every depthwise conv).
-    Percentile calibration clips outliers (best drift in the measurements) but holds every
-    activation of every calibration clip in memory; MinMax streams.
+    Every calibration streams: the clips are fed a few at a time (onnxruntime's strided
+    calibration), so percentile and entropy histograms merge chunk by chunk instead of holding
+    every activation of every clip (~150 MB per 10-s clip at c=40). Entropy (KL) picks each range
+    from the histogram, percentile clips a fixed tail; MinMax keeps every outlier.
 
     Keeping a conv out of the quantizer does not always keep it float: when its input and output
     are quantized anyway, onnxruntime quantizes its weight at load time (the
@@ -280,14 +288,14 @@ class Int8Options:
     8 bits is one bit finer and only correct on VNNI/AMX CPUs and ARM; keep it for comparisons.
     """
 
-    calibration: Literal["minmax", "percentile"] = "minmax"
+    calibration: Calibration = "minmax"
     percentile: float = 99.999
     keep_float: FloatNodes = ()
     weight_bits: WeightBits = 7
 
     def __post_init__(self) -> None:
-        if self.calibration not in ("minmax", "percentile"):
-            raise ConfigError(f"int8 calibration must be 'minmax' or 'percentile', got {self.calibration!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"int8 calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
         if not 0.0 < self.percentile <= 100.0:
             raise ConfigError(f"int8 percentile must be in (0, 100], got {self.percentile!r}")
         if self.weight_bits not in WEIGHT_BITS:
@@ -296,11 +304,26 @@ class Int8Options:
 
 
 class _Batches(CalibrationDataReader):
+    """Calibration clips in chunks of :data:`CALIBRATION_CHUNK`, with the ``set_range`` that
+    onnxruntime's strided calibration (``CalibStridedMinMax``) uses to collect one chunk at a time."""
+
     def __init__(self, input_name: str, batches: Iterable[np.ndarray]) -> None:
-        self._inputs = ({input_name: np.ascontiguousarray(batch, dtype=np.float32)} for batch in batches)
+        self._name = input_name
+        self._chunks = [np.ascontiguousarray(batch[i:i + CALIBRATION_CHUNK], dtype=np.float32)
+                        for batch in batches for i in range(0, len(batch), CALIBRATION_CHUNK)]
+        self._next, self._end = 0, len(self._chunks)
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next, self._end = start_index, min(end_index, len(self._chunks))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._inputs, None)
+        if self._next >= self._end:
+            return None
+        self._next += 1
+        return {self._name: self._chunks[self._next - 1]}
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: Iterable[np.ndarray],
@@ -325,18 +348,21 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: Iter
             raise ConfigError(f"{fp32_path}: nodes to keep float are not in the graph: {unknown[:5]}; "
                               "name nodes of the graph after quant_pre_process")
         input_name = model.graph.input[0].name
-        extra = {"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}}  # BN scales are 1-D
+        reader = _Batches(input_name, calibration)
+        if not len(reader):
+            raise AscError(f"{fp32_path}: int8 calibration failed (no clips); give at least one calibration clip")
+        extra: dict[str, Any] = {"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0},  # BN scales are 1-D
+                                 "CalibStridedMinMax": 1}  # one chunk per collection step: streams
         if options.calibration == "percentile":
             extra["CalibPercentile"] = options.percentile
         try:
             # the quantizer logs per-tensor notes through the root logger and prints calibration progress
             with _quiet("root"), contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(
-                    str(prepared), str(out_path), _Batches(input_name, calibration),
+                    str(prepared), str(out_path), reader,
                     quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=options.weight_bits == 7,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=(CalibrationMethod.Percentile if options.calibration == "percentile"
-                                      else CalibrationMethod.MinMax),
+                    calibrate_method=_CALIBRATION_METHODS[options.calibration],
                     nodes_to_exclude=exclude, extra_options=extra)
         except ValueError as error:  # "No data is collected." for an empty calibration set
             raise AscError(f"{fp32_path}: int8 calibration failed ({error}); give at least one calibration clip") \

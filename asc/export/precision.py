@@ -34,7 +34,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
@@ -45,6 +45,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from asc.bench import interleaved
 from asc.errors import AscError, ConfigError
 from asc.export.onnx import (
+    Calibration,
     Int8Options,
     WeightBits,
     ort_session,
@@ -543,16 +544,16 @@ class PrecisionPlan:
     """Which rewrites to apply and which node groups stay float; plain data, so it can be stored.
 
     The defaults are the plan measured fastest on this CPU (docs/export-latency.md): all
-    rewrites, the input front and the norms float. Calibration defaults to MinMax because it
-    streams; percentile calibration gained 0.6-1 point of agreement on trained models but holds
-    every calibrated activation of every clip in memory (~150 MB per 10-s clip at c=40), so use it
-    with a few dozen clips only. Weights default to 7 bits, the range that computes the same
+    rewrites, the input front and the norms float. Calibration defaults to MinMax; percentile
+    calibration gained 0.6-1 point of agreement on some trained models, and
+    :func:`asc.export.search.search_int8` tries each calibration and keeps the one that agrees best.
+    Weights default to 7 bits, the range that computes the same
     logits on x86 CPUs with and without VNNI (:class:`~asc.export.onnx.Int8Options`).
     """
 
     rewrites: tuple[str, ...] = REWRITES
     float_groups: tuple[str, ...] = DEFAULT_FLOAT_GROUPS
-    calibration: Literal["minmax", "percentile"] = "minmax"
+    calibration: Calibration = "minmax"
     percentile: float = 99.999
     weight_bits: WeightBits = 7
 
@@ -716,8 +717,8 @@ class PlanReport:
         return self.chosen.plan is not None
 
     def format(self) -> str:
-        lines = [f"precision plans ({self.threads} thread{'s' if self.threads > 1 else ''}, latency vs fp32 "
-                 f"in the same loop, agreement = top-1 vs fp32, bar {self.min_agreement:.0%}):"]
+        lines = [(f"precision plans ({self.threads} thread{'s' if self.threads > 1 else ''}, latency vs fp32 "
+                  f"in the same loop, agreement = top-1 vs fp32, bar {self.min_agreement:.0%}):")]
         for c in self.candidates:
             agree = "-" if c.agreement is None else f"{c.agreement.top1_agreement:.1%}"
             mark = "*" if c is self.chosen else " "
@@ -813,4 +814,4 @@ def plan_precision(fp32_path: str | Path, calibration: Sequence[np.ndarray], inp
         chosen = min(accepted, key=lambda m: m.ratio, default=None)
         if chosen is None or chosen.ratio >= 1.0:
             chosen = first[0]
-        return PlanReport(chosen, tuple([first[0], *candidates[1:]]), min_agreement, threads)
+        return PlanReport(chosen, (first[0], *candidates[1:]), min_agreement, threads)
