@@ -54,7 +54,8 @@ VARIANTS: dict[str, Variant] = {
     "finetune": Variant(("kd",), {"kd.weight": 0}, "fine-tuned like the others, no distillation", bases=("c40",)),
     "kd": Variant(("kd",), {"kd.teacher": "{teacher}"}, "logit KD from the teacher", bases=("c40",)),
     "ffl": Variant(("ffl",), {}, "feature-fusion mutual learning, branch 0 ships", bases=("c40",)),
-    "afd": Variant(("afd",), {}, "online adversarial feature distillation, the student ships", bases=("c40",)),
+    "afd": Variant(("afd",), {"afd.disc_layers": 1}, "online adversarial distillation with a c = 80 peer, one-block discriminators",
+                   bases=("c40",)),
     "ft": Variant(("ft",), {"ft.teacher": "{teacher}"}, "factor transfer from the teacher", bases=("c40",)),
     "prune": Variant(("prune",), {"prune.sparsity": SPARSITY}, "magnitude pruning, fp32"),
     "map": Variant(("map",), {"map.sparsity": SPARSITY}, "magnitude-attention pruning, fp32"),
@@ -92,7 +93,7 @@ def compress_command(variant: Variant, base: str, base_run: Path, teacher: Path,
 
 def run_job(command: list[str], out: Path) -> str | None:
     """Run one compression (skipped when finished); the error's last line, or None."""
-    if (out / "report.json").is_file():
+    if (out / "finalized.pt2").is_file():
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -157,7 +158,7 @@ def table(base: str, out: Path, seeds: list[int], latencies: dict[str, float]) -
     budgets: dict[str, dict[str, list[float]]] = {}
     for name, variant in VARIANTS.items():
         runs = [out / base / name / f"seed{seed}" for seed in seeds]
-        done = [run for run in runs if (run / "report.json").is_file()]
+        done = [run for run in runs if (run / "finalized.pt2").is_file()]
         if not done:
             continue
         scores = [accuracies(run) for run in done]
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         latencies: dict[str, float] = {}
         if not args.no_latency:  # exports side by side, then every bundle timed alone
             finished = [(f"{base}/{name}", args.out / base / name / f"seed{args.seeds[0]}") for base in bases
-                        for name in chosen if (args.out / base / name / f"seed{args.seeds[0]}" / "report.json").is_file()]
+                        for name in chosen if (args.out / base / name / f"seed{args.seeds[0]}" / "finalized.pt2").is_file()]
 
             def export(item: tuple[str, Path]) -> Path | None:
                 key, run = item

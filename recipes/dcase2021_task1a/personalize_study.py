@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--enrol", type=int, default=10, help="enrolment clips per device")
     args = parser.parse_args(argv)
     for runs in (args.ppp, args.structured):  # a study stopped early leaves unfinished folders out
-        runs[:] = [run for run in runs if (run / "report.json").is_file()]
+        runs[:] = [run for run in runs if (run / "finalized.pt2").is_file()]
     try:
         if not args.ppp:
-            raise AscError("no finished PPP run (a run folder with report.json) among --ppp")
+            raise AscError("no finished PPP run (a finished run folder with finalized.pt2) among --ppp")
         from asc.personalize import personalize
 
         lines = [("| model | device | accuracy on the device's other clips % | model.onnx kB | parameters "
