@@ -285,6 +285,8 @@ class PPP(Method):
         return masks
 
     def extra_losses(self, trainer: Trainer, outputs: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+        if not self._masks:  # the student did not run this step (FT's paraphrase phase): no gate to pull
+            return {}
         masks = self.step_masks()
         mix = trainer.batch.mix
         weights = class_weights(targets, self.prototypes.shape[0], *((mix.perm, mix.lam) if mix else ()))

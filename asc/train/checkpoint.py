@@ -43,7 +43,8 @@ def save_finalized(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     Any module a method finalizes (a masked float net, a channel-pruned one, an int8 QDQ graph)
     is stored the same way, so loading and exporting it needs no knowledge of the method.
     """
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    # exported on the CPU: a CUDA module adds a batch <= 65535 guard that the dynamic dimension refuses
+    program = torch.export.export(model.cpu(), (example.cpu(),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
         torch.export.save(program, handle)
 
