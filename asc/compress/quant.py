@@ -213,6 +213,9 @@ class QATModel(nn.Module):
     def __init__(self, prepared: GraphModule) -> None:
         super().__init__()
         self.prepared = prepared
+        # the exported graph counts batches even in evaluation, which must change no state (under
+        # DDP only rank 0 evaluates, so the replicas' digests would differ): eval restores them
+        self._batch_counters = [name for name, _ in prepared.named_buffers() if name.endswith("num_batches_tracked")]
         self.bn_frozen = False
         self.observers_frozen = False
         self.train(True)
@@ -220,10 +223,7 @@ class QATModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             return self.prepared(x)
-        # the exported graph counts batches even in evaluation, which must change no state (under
-        # DDP only rank 0 evaluates, so the replicas' digests would differ)
-        counts = {name: buffer.clone() for name, buffer in self.prepared.named_buffers()
-                  if name.endswith("num_batches_tracked")}
+        counts = {name: self.prepared.get_buffer(name).clone() for name in self._batch_counters}
         out = self.prepared(x)
         with torch.no_grad():
             for name, value in counts.items():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import fields
@@ -52,11 +51,10 @@ from asc.train.checkpoint import (
     save_checkpoint,
     save_finalized,
 )
-from asc.train.evaluate import load_run_model
+from asc.train.evaluate import FLOAT_CHECKPOINT, load_run_model
 from asc.train.loop import Trainer
 
 PLAN_NAME = "compress.yaml"
-FLOAT_CHECKPOINT = "float"
 
 
 def split_overrides(overrides: Sequence[str], methods: Sequence[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
@@ -185,15 +183,13 @@ def compress_run(source: Path, out: Path, methods: Sequence[str], overrides: Seq
 def _finalize(trainer: Trainer, methods: Sequence[Method], context: StageContext, meta: dict[str, Any]) -> None:
     """Materialize, evaluate and write the deployable module; the finalized file is written last.
 
-    Rank 0 alone under torchrun; the report keeps what the trainer's report said about the ranks.
+    Rank 0 alone under torchrun; the report keeps the trainer's per-rank digests.
     """
     from asc.report import write_report
 
     if not trainer.ctx.is_main:
         return
     out = trainer.run_dir
-    ranks = {key: value for key, value in json.loads((out / "report.json").read_text()).items()
-             if key in ("world_size", "parameter_digests", "auxiliary_digests")}
     quantized = any(method.quantizes for method in methods)
     twin = float_twin(trainer, methods)
     spec = {**meta["model_spec"], "channels": channel_spec(twin)}
@@ -210,7 +206,7 @@ def _finalize(trainer: Trainer, methods: Sequence[Method], context: StageContext
     write_report(out, metrics, history=trainer.history, config=trainer.config, title="Compressed model",
                  extra={"split": trainer.config.data.eval_split, "checkpoint": "finalized",
                         "compression": read_yaml(out / PLAN_NAME), "precision": "int8" if quantized else "fp32",
-                        "simulated_accuracy": simulated.get("accuracy"), **ranks,
+                        "simulated_accuracy": simulated.get("accuracy"), **trainer.replicas,
                         "complexity": {"params": counts.params, "nonzero_params": counts.nonzero_params,
                                        "bytes": counts.bytes, "nonzero_bytes": counts.nonzero_bytes,
                                        "macs": counts.macs, "macs_1s": counts.macs_1s}})

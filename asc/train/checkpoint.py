@@ -6,6 +6,7 @@ epoch; the temp-file-and-rename write guarantees the file on disk is always a wh
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,9 @@ def save_finalized(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     Any module a method finalizes (a masked float net, a channel-pruned one, an int8 QDQ graph)
     is stored the same way, so loading and exporting it needs no knowledge of the method.
     """
-    # exported on the CPU: a CUDA module adds a batch <= 65535 guard that the dynamic dimension refuses
-    program = torch.export.export(model.cpu(), (example.cpu(),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    if example.device.type != "cpu":  # a CUDA module adds a batch <= 65535 guard that the dynamic dimension refuses
+        model, example = copy.deepcopy(model).cpu(), example.cpu()
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
         torch.export.save(program, handle)
 

@@ -153,6 +153,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.replicas: dict[str, Any] = {}  #: world size and per-rank digests, set when training ends
         self.best: dict[str, Any] | None = None
         self.auxiliaries: dict[str, Auxiliary] = {}
         self.phases: dict[str, Phase] = {}  #: current phase of every hook that declares phases
@@ -564,14 +565,14 @@ class Trainer:
                                                             for name, module in trained.items()})
         if any(rank != aux_digests[0] for rank in aux_digests):
             raise RuntimeError(f"DDP replicas diverged: auxiliary module digests {aux_digests}")
+        self.replicas = {"world_size": self.ctx.world_size, "parameter_digests": digests,
+                         **({"auxiliary_digests": {name: [rank[name] for rank in aux_digests]
+                                                   for name in trained}} if trained else {})}
         if self.ctx.is_main:
             if metrics is None:  # resumed a finished run: report the stored model
                 metrics = self.evaluate(self.data.eval)
             write_report(self.run_dir, metrics, history=self.history, config=self.config,
-                         extra={"split": self.config.data.eval_split, "checkpoint": "last",
-                                "world_size": self.ctx.world_size, "parameter_digests": digests,
-                                **({"auxiliary_digests": {name: [rank[name] for rank in aux_digests]
-                                                          for name in trained}} if trained else {}),
+                         extra={"split": self.config.data.eval_split, "checkpoint": "last", **self.replicas,
                                 "parameters": sum(p.numel() for p in self.model.parameters())})
         distributed.barrier(self.ctx)
         # Release DDP's reducer while the process group is still registered: if the reducer is
