@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from asc.compress.grid import GRID_NAME, QuantGrid
 from asc.compress.psg import grid_point, grid_step
 from asc.compress.stage import compress_run
 from asc.config import RunConfig, load_config
-from asc.export.bundle import open_run, run_clipset, sample_clips, split_dataset
+from asc.export.bundle import export_run, open_run, run_clipset, sample_clips, split_dataset
 from asc.export.grid import grid_int8
 from asc.export.onnx import int8_weights, run_onnx
 from asc.train.checkpoint import load_checkpoint
@@ -69,6 +70,22 @@ def test_psg_int8_export_stores_its_own_grid(psg_run: Path, tmp_path: Path):
     # Q/DQ run as float ops: what the file stores, the same on every CPU
     deployed = np.concatenate([run_onnx(path, batch, fused=False) for batch in clips.batches()])
     assert (deployed.argmax(1) == reference.argmax(1)).mean() >= 0.95
+
+
+@pytest.mark.slow
+def test_int8_export_of_a_psg_run_ships_its_grid(psg_run: Path, tmp_path: Path):
+    manifest = export_run(psg_run, tmp_path / "bundle", precision="int8", parity_clips=64, force=True, ort_format=False,
+                          progress=False)
+    assert manifest.source["quantization"] == "grid-psg"
+    grid = QuantGrid.read(psg_run)
+    shipped = onnx.load(str(tmp_path / "bundle" / "model.onnx"))
+    twin = load_checkpoint(psg_run / "checkpoints" / "float.pt")["model"]
+    ranges = load_checkpoint(psg_run / "checkpoints" / "last.pt")["hooks"][0]["ranges"]
+    expected = sorted(torch.round(torch.clamp(twin[f"{name}.weight"] / grid_step(*ranges[name], 8), -127, 127))
+                      .to(torch.int8).numpy().tobytes() for name in grid.layers)
+    # the shipped file renames its initializers; its int8 weights are exactly PSG's integers, nothing calibrated
+    assert sorted(array.tobytes() for array in int8_weights(shipped).values()) == expected
+    assert any("psg run's own grid" in note for note in json.loads((tmp_path / "bundle" / "parity.json").read_text())["notes"])
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from asc.compress.qkd import (
 from asc.compress.stage import compress_run
 from asc.config import RunConfig, load_config
 from asc.errors import AscError, ConfigError
-from asc.export.bundle import open_run, run_clipset, sample_clips, split_dataset
+from asc.export.bundle import export_run, open_run, run_clipset, sample_clips, split_dataset
 from asc.export.grid import grid_int8
 from asc.export.onnx import export_onnx, int8_weights, run_onnx
 from asc.export.verify import ClipSample
@@ -251,6 +251,9 @@ def test_low_bit_widths_report_their_size_and_have_no_int8_grid_export(runs, tmp
     assert size["size_bits"] < 8 * size["quantized_weights"] + 32 * (size["other_params"] + size["weight_scales"])
     with pytest.raises(AscError, match="4-bit input grid"):
         grid_int8(out, tmp_path / "int8.onnx", torch.zeros(2, 1, 32, 63))
+    manifest = export_run(out, tmp_path / "bundle", parity_clips=32, ort_format=False, progress=False)  # auto
+    assert manifest.precision == "fp32"
+    assert "4-bit input grid" in manifest.source["precision_decision"]["reason"]
 
 
 # ------------------------------------------------------------------------------ resume

@@ -37,10 +37,12 @@ from asc.bundle_manifest import (
     atomic_dir,
     check_destination,
 )
+from asc.compress.grid import QuantGrid
 from asc.config import RunConfig, load_config
 from asc.data.clips import ClipSet
 from asc.data.loader import ClipDataset
 from asc.errors import AscError, ConfigError
+from asc.export.grid import check_int8_widths, grid_int8
 from asc.export.onnx import (
     CALIBRATIONS,
     FEATURE_INPUT,
@@ -249,19 +251,28 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: ExportPre
     parity = sample_clips(split_dataset(run, clipset, eval_split, as_features=not in_graph, progress=progress),
                           parity_clips, split=eval_split)
     quantize = precision in ("int8", "auto") and not qat_graph
+    grid = _method_grid(run) if quantize else None
+    decision = None
+    if grid is not None and precision == "auto":
+        try:
+            check_int8_widths(grid)
+        except AscError as error:  # a QKD run below 8 bits: its simulated accuracy is the result, fp32 ships
+            decision = {"requested": requested, "chosen": "fp32", "reason": f"{error}; shipped fp32"}
+            precision, quantize, grid = "fp32", False, None
+            print(f"asc export: {decision['reason']}", file=sys.stderr)
     search = None
-    if quantize and search_clips:
+    if quantize and search_clips and grid is None:
         search = sample_clips(split_dataset(run, clipset, eval_split, as_features=True, progress=progress),
                               search_clips, split=eval_split, seed=1, exclude=parity)
 
     with tempfile.TemporaryDirectory(prefix="asc-export-") as tmp, atomic_dir(out_dir) as stage:
         notes: list[str] = []
-        built = _model_files(run, Path(tmp), quantize=quantize, in_graph=in_graph, int8=int8, clipset=clipset,
+        built = _model_files(run, Path(tmp), quantize=quantize, grid=grid, in_graph=in_graph, int8=int8, clipset=clipset,
                              calibration_clips=calibration_clips, search=search, calibrations=calibrations,
                              min_agreement=min_agreement, notes=notes, progress=progress)
         files = dict(built.files)
-        decision = _decide(requested, files, parity, min_agreement, progress=progress) if precision == "auto" else None
-        if decision is not None:
+        if precision == "auto":
+            decision = _decide(requested, files, parity, min_agreement, progress=progress)
             precision = decision["chosen"]
             if precision == "fp32":
                 del files["onnx_int8"]
@@ -291,7 +302,8 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: ExportPre
             report = replace(report, notes=[*report.notes, "model.ort dropped: it disagrees with model.onnx"])
             ort_files = None
         calibrated_with = built.search.plan.calibration if built.search else int8.calibration
-        quantization = None if precision == "fp32" else "qat" if qat_graph else f"ptq-{calibrated_with}"
+        quantization = (None if precision == "fp32" else "qat" if qat_graph else f"grid-{grid.method}" if grid
+                        else f"ptq-{calibrated_with}")
         sizes = {**model_bytes(files[deployed]).to_dict(), "container": container.stat().st_size,
                  "ort": ort_files.model.stat().st_size if ort_files else None}
         manifest = _manifest(run, precision, in_graph, report, deployed,
@@ -321,15 +333,25 @@ class _ModelFiles:
     search: SearchReport | None = None  #: what the int8 search chose, when it ran
 
 
-def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, in_graph: bool, int8: PrecisionPlan,
-                 clipset: ClipSet, calibration_clips: int, search: ClipSample | None, calibrations: tuple[str, ...],
+def _method_grid(run: TrainedRun) -> QuantGrid | None:
+    """The grid a quantization method trained the deployed model on (PSG, QKD), if any.
+
+    Only the deployed module (``last``: the finalized one) sits on that grid; an earlier
+    checkpoint of the same run is calibrated afresh like any float model.
+    """
+    return QuantGrid.read(run.run_dir) if run.checkpoint == "last" else None
+
+
+def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, grid: QuantGrid | None, in_graph: bool,
+                 int8: PrecisionPlan, clipset: ClipSet, calibration_clips: int, search: ClipSample | None, calibrations: tuple[str, ...],
                  min_agreement: float, notes: list[str], progress: bool) -> _ModelFiles:
     """The ONNX files to check, by name, built in ``scratch``.
 
     One path for every case: the CNN on log-mels is exported (a QAT graph is already int8),
-    quantized when asked, and joined to the front end when it goes in the graph, so the int8
-    CNN is the same file with or without the front end. What quantization kept float goes
-    into ``notes``: a norm that was not found would be quantized, which the gate then shows.
+    quantized when asked (on the method's own ``grid`` when it trained one, else calibrated), and
+    joined to the front end when it goes in the graph, so the int8 CNN is the same file with or
+    without the front end. What quantization kept float goes into ``notes``: a norm that was not
+    found would be quantized, which the gate then shows.
     """
     features = run.features
     example = torch.zeros(2, 1, features.n_mels, features.num_frames(run.clip_samples))
@@ -345,6 +367,12 @@ def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, in_graph: bo
             calibration = sample_clips(split_dataset(run, clipset, split, as_features=True, progress=progress),
                                        calibration_clips, split=split)
             int8_path, calibrated = scratch / "cnn_int8.onnx", len(calibration)
+            if grid is not None:
+                files["onnx_int8"] = grid_int8(run.run_dir, int8_path, example, calibration=calibration.batches())
+                notes.append(f"int8: on the {grid.method} run's own grid ({len(grid.layers)} layers' integers and "
+                             f"scales from quant_grid.json), inputs without a grid calibrated on {calibrated} "
+                             f"'{split}' clips; no search")
+                return _joined(run, scratch, files, in_graph, calibrated, None)
             if search is not None and len(search):
                 searched = search_int8(files["onnx_fp32"], int8_path, list(calibration.batches()),
                                        np.concatenate(list(search.batches())), plan=int8, calibrations=calibrations,
@@ -357,9 +385,15 @@ def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, in_graph: bo
                 notes.append("int8: no search (no eval clips outside the parity sample, or search_clips=0)")
             notes.append(f"int8: {len(norm_nodes)} frequency-norm nodes kept float, calibrated on {calibrated} "
                          f"'{split}' clips ({searched.plan.calibration if searched else int8.calibration})")
+    return _joined(run, scratch, files, in_graph, calibrated, searched)
+
+
+def _joined(run: TrainedRun, scratch: Path, files: dict[str, Path], in_graph: bool, calibrated: int | None,
+            searched: SearchReport | None) -> _ModelFiles:
+    """``files`` as they ship: alone, or behind the front end's graph when it goes in the graph."""
     if not in_graph:
         return _ModelFiles(files, None, calibrated, searched)
-    frontend = export_frontend(features, run.clip_samples, scratch / "frontend.onnx")
+    frontend = export_frontend(run.features, run.clip_samples, scratch / "frontend.onnx")
     joined = {name: compose_frontend(frontend, path, scratch / f"{name}.onnx") for name, path in files.items()}
     return _ModelFiles(joined, frontend, calibrated, searched)
 

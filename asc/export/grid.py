@@ -43,7 +43,8 @@ from asc.export.onnx import (
     save_onnx,
     torch_to_onnx,
 )
-from asc.train.evaluate import FLOAT_CHECKPOINT, load_run_model
+from asc.run_files import FLOAT_CHECKPOINT
+from asc.train.evaluate import load_run_model
 
 _QUANTIZABLE = ("Conv", "Gemm")
 
@@ -69,7 +70,7 @@ def quantize_on_grid(model: nn.Module, grid: QuantGrid, example: Tensor, out_pat
     ``calibration`` (batches of the model's input) sets the input ranges of layers without an
     input grid; it is not read when every layer has one. ``example`` needs a batch of at least 2.
     """
-    _check_widths(grid)
+    check_int8_widths(grid)
     exported = torch_to_onnx(model.eval(), example, input_name=FEATURE_INPUT, output_name=OUTPUT)
     nodes = _layer_nodes(exported, grid)
     measured = _input_grids(exported, {name: nodes[name] for name, layer in grid.layers.items()
@@ -90,7 +91,8 @@ def quantize_on_grid(model: nn.Module, grid: QuantGrid, example: Tensor, out_pat
     return save_onnx(exported, out_path)
 
 
-def _check_widths(grid: QuantGrid) -> None:
+def check_int8_widths(grid: QuantGrid) -> None:
+    """Refuse a grid int8 Q/DQ cannot hold (an input grid of other than 8 bits), naming the layer."""
     for name, layer in grid.layers.items():
         if not 2 <= layer.bits <= 8:
             raise AscError(f"{grid.method}: layer {name} has {layer.bits}-bit weights; an int8 graph holds 2-8 bits")
