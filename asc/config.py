@@ -250,9 +250,13 @@ class ModelConfig:
     args: dict[str, Any] = dataclasses.field(default_factory=lambda: {"width": 40})
 
 
+OptimizerName = typing.Literal["sgd", "adamw"]
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
+
+
 @dataclasses.dataclass
 class OptimConfig:
-    name: typing.Literal["sgd", "adamw"] = "sgd"
+    name: OptimizerName = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-3

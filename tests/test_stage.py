@@ -78,7 +78,7 @@ class ProbeHead(TrainHook):
     def __init__(self, lr: float) -> None:
         torch.manual_seed(1)
         self.head = Auxiliary(nn.Linear(20, 10), lr=lr, weight_decay=0.0)
-        self.critic = Auxiliary(nn.Linear(20, 10), lr=0.1, step_order=-1)  # stepped before the model
+        self.critic = Auxiliary(nn.Linear(20, 10), lr=0.01, step_order=-1, optimizer="adamw")  # before the model
         self.started: list[tuple[int, str]] = []
 
     def phases(self):
@@ -116,11 +116,22 @@ def test_loop_phases_taps_auxiliaries_and_loss_terms(tiny_overrides, tmp_path: P
     assert group["initial_lr"] == 0.5 and group["weight_decay"] == 0.0
     assert not torch.equal(before, hook.head.module.weight)
     first, main = trainer.optimizers  # step order -1 first, then the model's (order 0)
+    assert isinstance(first, torch.optim.AdamW) and isinstance(main, torch.optim.SGD)  # the critic's own kind
     assert main is trainer.optimizer and [p for g in first.param_groups for p in g["params"]] == [
         hook.critic.module.weight, hook.critic.module.bias]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     torch.testing.assert_close(state["auxiliaries"]["probe.head"]["weight"], hook.head.module.weight.detach())
     assert set(state["auxiliaries"]) == {"probe.head", "probe.critic"} and len(state["optimizers"]) == 2
+
+
+def test_one_optimizer_kind_per_step_order(tiny_overrides, tmp_path: Path):
+    hook = ProbeHead(lr=0.5)
+    hook.auxiliaries = lambda: {"head": hook.head, "critic": hook.critic,
+                                "rival": Auxiliary(nn.Linear(20, 10), step_order=-1)}  # the run's SGD at order -1
+    with pytest.raises(ConfigError, match="auxiliary 'probe.rival' asks for the run's optimizer at step order -1, "
+                                          "where probe.critic uses adamw"):
+        Trainer(load_config(RunConfig, None, tiny_overrides(epochs=1)), tmp_path / "run", hooks=[hook],
+                progress=False).fit()
 
 
 class StopAfter(TrainHook):

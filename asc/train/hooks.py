@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
+from asc.config import OptimizerName
 from asc.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -88,7 +89,9 @@ class Auxiliary:
     with ``lr`` and ``weight_decay`` (None: the run's), applies the schedule and gradient
     clipping, checkpoints it for an exact resume and wraps it in DDP. ``step_order`` < 0 puts it
     in an optimizer of its own stepped before the model's (discriminators before networks),
-    > 0 after. A frozen one (``trainable`` False) is only placed; its hook rebuilds it on resume.
+    > 0 after; that optimizer may be of another ``optimizer`` kind than the run's (``sgd`` or
+    ``adamw``; None: the run's), e.g. Adam for a discriminator. A frozen one (``trainable``
+    False) is only placed; its hook rebuilds it on resume.
     Call the auxiliary itself (``aux(x)``), not ``aux.module``, so DDP sees the forward.
     """
 
@@ -97,6 +100,7 @@ class Auxiliary:
     weight_decay: float | None = None
     step_order: int = 0
     trainable: bool = True
+    optimizer: OptimizerName | None = None
     runner: nn.Module | None = field(default=None, init=False, repr=False)  #: set by the trainer (DDP)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from asc.augment import MixedBatch, build_augmentations, build_mixup, mixup_loss
-from asc.config import RunConfig, save_yaml, to_dict
+from asc.config import OptimizerName, RunConfig, save_yaml, to_dict
 from asc.data.loader import ClipDataset, DeviceBalancedSampler, make_loader
 from asc.errors import AscError, ConfigError
 from asc.features import LogMel
@@ -100,10 +100,12 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 ParamGroups = list[dict[str, Any]]
 
 
-def make_optimizer(config: RunConfig, params: Iterator[nn.Parameter] | ParamGroups) -> torch.optim.Optimizer:
-    """The configured optimizer; parameter groups may set their own ``lr`` and ``weight_decay``."""
+def make_optimizer(config: RunConfig, params: Iterator[nn.Parameter] | ParamGroups,
+                   name: OptimizerName | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer (or another kind, ``name``) with the run's hyperparameters as defaults;
+    parameter groups may set their own ``lr`` and ``weight_decay``."""
     optim = config.optim
-    if optim.name == "sgd":
+    if (name or optim.name) == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                                nesterov=optim.momentum > 0)
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
@@ -277,10 +279,16 @@ class Trainer:
     def _build_optimizers(self, factor: Callable[[int], float]) -> None:
         """One optimizer per step order (the model's is order 0), each on the shared schedule."""
         groups: dict[int, ParamGroups] = {0: [{"params": [p for p in self.model.parameters() if p.requires_grad]}]}
-        for aux in self.auxiliaries.values():
+        kinds: dict[int, tuple[str, OptimizerName | None]] = {0: ("the model", None)}
+        for name, aux in self.auxiliaries.items():
             if aux.trainable:
+                owner, kind = kinds.setdefault(aux.step_order, (name, aux.optimizer))
+                if kind != aux.optimizer:
+                    wanted, used = aux.optimizer or "the run's optimizer", kind or "the run's optimizer"
+                    raise ConfigError(f"auxiliary {name!r} asks for {wanted} at step order {aux.step_order}, where "
+                                      f"{owner} uses {used}; one optimizer kind per step order")
                 groups.setdefault(aux.step_order, []).append(_aux_group(aux))
-        self.optimizers = [make_optimizer(self.config, groups[order]) for order in sorted(groups)]
+        self.optimizers = [make_optimizer(self.config, groups[order], kinds[order][1]) for order in sorted(groups)]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in self.optimizers]
         main = sorted(groups).index(0)
         self.optimizer, self.scheduler = self.optimizers[main], self.schedulers[main]
