@@ -27,6 +27,7 @@ from asc.bundle_manifest import MANIFEST_NAME, BundleManifest
 from asc.data.clips import UNKNOWN_DEVICE
 from asc.data.tau import segment_and_device
 from asc.errors import AscError, ConfigError
+from asc.run_files import deployed_file
 from asc.runtime import Classifier, ClipResult, Prediction
 
 OutputFormat = Literal["table", "json", "csv"]
@@ -94,21 +95,9 @@ def find_audio_files(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path
     return files, failures
 
 
-FINALIZED_NAME = "finalized.pt2"
-"""A compressed run's deployable module (``asc.train.checkpoint.FINALIZED_NAME``; spelled out here
-because that module imports torch, a test keeps the two equal)."""
 DIGEST_KEY = "checkpoint_sha256"
 """``bundle.json`` ``source`` key: SHA-256 of the file the exporter read the model from
-(:func:`deployed_checkpoint`), which tells a stale bundle from a current one exactly."""
-
-
-def deployed_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str = "last") -> Path:
-    """The file a run's ``checkpoint`` is exported from: ``finalized.pt2`` for the ``last`` model of a
-    compressed run, else ``checkpoints/<checkpoint>.pt`` (``asc.train.evaluate.load_run_model``'s rule)."""
-    run_dir = Path(run_dir)
-    if checkpoint == "last" and (run_dir / FINALIZED_NAME).is_file():
-        return run_dir / FINALIZED_NAME
-    return run_dir / "checkpoints" / f"{checkpoint}.pt"
+(:func:`asc.run_files.deployed_file`), which tells a stale bundle from a current one exactly."""
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
@@ -127,7 +116,7 @@ def stale_bundle(run_dir: str | os.PathLike[str], bundle_dir: str | os.PathLike[
     """
     bundle_dir = Path(bundle_dir)
     source = BundleManifest.read(bundle_dir).source
-    checkpoint = deployed_checkpoint(run_dir, str(source.get("checkpoint") or "last"))
+    checkpoint = deployed_file(run_dir, str(source.get("checkpoint") or "last"))
     if not checkpoint.is_file():
         return None
     recorded = source.get(DIGEST_KEY)

@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from asc.errors import AscError, ConfigError
 from asc.features import FeatureConfig
 from asc.models import SubSpectralNorm, keras_param_count
+from asc.run_files import trainable_checkpoint
 
 WeightBytes = int | Mapping[str, int] | None
 """Bytes per parameter: one width for all, widths by module-name prefix ("" = default), or
@@ -434,11 +435,9 @@ def run_complexity(run_dir: Path, checkpoint: str = "last", *, weight_bytes: Wei
     when the finalized model is int8 (unless ``weight_bytes`` says otherwise).
     """
     # imported here because asc.train may come to import this module
-    from asc.train.checkpoint import FINALIZED_NAME
     from asc.train.evaluate import load_run_model
 
-    if checkpoint == "last" and (Path(run_dir) / FINALIZED_NAME).is_file():
-        checkpoint = "float"
+    checkpoint = trainable_checkpoint(run_dir, checkpoint)
     model, state = load_run_model(Path(run_dir), checkpoint)
     if weight_bytes is None and state.get("precision") == "int8":
         weight_bytes = 1

@@ -27,9 +27,7 @@ from asc.bundle_manifest import BundleManifest
 from asc.classify import (
     AUDIO_EXTENSIONS,
     DIGEST_KEY,
-    FINALIZED_NAME,
     classify_paths,
-    deployed_checkpoint,
     file_digest,
     find_audio_files,
     format_results,
@@ -37,6 +35,7 @@ from asc.classify import (
 )
 from asc.errors import ConfigError
 from asc.feature_spec import FRONTEND_ARRAYS_NAME, FeatureConfig, FrontendArrays
+from asc.run_files import FINALIZED_NAME, deployed_file
 from asc.runtime import Classifier, ClipResult
 
 RATE = 16000
@@ -404,8 +403,8 @@ def test_a_bundle_older_than_the_runs_model_is_stale(tmp_path: Path) -> None:
 def test_compressing_the_run_makes_its_bundle_stale(tmp_path: Path) -> None:
     run, bundle = _run_with_bundle(tmp_path)
     _write_at(run / FINALIZED_NAME, b"pruned int8 module", 2000)  # asc compress finalized the run
-    assert deployed_checkpoint(run) == run / FINALIZED_NAME
-    assert deployed_checkpoint(run, "best") == run / "checkpoints" / "best.pt"
+    assert deployed_file(run) == run / FINALIZED_NAME
+    assert deployed_file(run, "best") == run / "checkpoints" / "best.pt"
     assert f"than {run / FINALIZED_NAME}" in (stale_bundle(run, bundle) or "")
 
 
@@ -422,9 +421,3 @@ def test_a_recorded_digest_decides_whatever_the_file_times_say(tmp_path: Path) -
 def test_a_run_without_its_model_file_keeps_its_bundle(tmp_path: Path) -> None:
     run, bundle = _run_with_bundle(tmp_path, checkpoint="best")  # exported from best.pt, which is gone
     assert stale_bundle(run, bundle) is None
-
-
-def test_the_finalized_name_is_the_trainers() -> None:
-    from asc.train.checkpoint import FINALIZED_NAME as TRAINER_NAME
-
-    assert FINALIZED_NAME == TRAINER_NAME

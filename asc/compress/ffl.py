@@ -300,11 +300,10 @@ class FFL(Method):
 
     @classmethod
     def build(cls, options: Mapping[str, Any], context: StageContext) -> FFL:
-        from asc.train.checkpoint import FINALIZED_NAME
         from asc.train.evaluate import load_run_model
 
         parsed = parse_options(FFLOptions, options, cls.name)
-        model, state = load_run_model(context.source, "float" if (context.source / FINALIZED_NAME).is_file() else "last")
+        model, state = load_run_model(context.source, trainable=True)
         taps = list(feature_taps(model))
         fuse = taps[-1] if parsed.fuse == "auto" else parsed.fuse
         if fuse not in taps:

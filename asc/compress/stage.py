@@ -45,13 +45,14 @@ from asc.config import (
 from asc.errors import AscError, ConfigError
 from asc.features import FeatureConfig
 from asc.models.resize import channel_spec
+from asc.run_files import FLOAT_CHECKPOINT
 from asc.train.checkpoint import (
     FINALIZED_NAME,
     load_checkpoint,
     save_checkpoint,
     save_finalized,
 )
-from asc.train.evaluate import FLOAT_CHECKPOINT, load_run_model
+from asc.train.evaluate import load_run_model
 from asc.train.loop import Trainer
 
 PLAN_NAME = "compress.yaml"

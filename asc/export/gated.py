@@ -75,6 +75,7 @@ from asc.personalize import (
     logits,
     prune_graph,
 )
+from asc.run_files import FLOAT_CHECKPOINT
 from asc.train.checkpoint import load_checkpoint
 
 PLAN_FILE = "compress.yaml"
@@ -107,7 +108,7 @@ def open_gated_run(run_dir: str | Path) -> TrainedRun:
     """A PPP run's gated network: the float twin with its gates put back and the trained weights loaded."""
     run_dir = Path(run_dir)
     options = ppp_options(run_dir)
-    run = open_run(run_dir, "float")
+    run = open_run(run_dir, FLOAT_CHECKPOINT)
     model = run.model
     insert_gates(model, head=options.head)
     trained = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]

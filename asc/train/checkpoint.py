@@ -15,6 +15,7 @@ from torch import nn
 
 from asc.errors import AscError
 from asc.io import atomic_path, atomic_torch_save
+from asc.run_files import FINALIZED_NAME as FINALIZED_NAME  # TEMP until tests move
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -32,10 +33,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise AscError(f"{path}: not a readable asc checkpoint ({reason}); re-run training or restore the file") \
             from None
-
-
-FINALIZED_NAME = "finalized.pt2"
-"""The deployable module of a compressed run, as a ``torch.export`` program (no pickled code)."""
 
 
 def save_finalized(model: nn.Module, example: torch.Tensor, path: Path) -> None:

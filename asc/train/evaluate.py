@@ -17,8 +17,21 @@ from asc.data.loader import ClipDataset, make_loader
 from asc.errors import AscError
 from asc.features import FeatureConfig
 from asc.models import build_model
-from asc.train.checkpoint import FINALIZED_NAME, load_checkpoint, load_finalized
-from asc.train.data import clip_samples, clipset_devices, make_dataset, open_clipset, split_clips
+from asc.run_files import (
+    FINALIZED_NAME,
+    FLOAT_CHECKPOINT,
+    checkpoint_file,
+    deployed_file,
+    trainable_checkpoint,
+)
+from asc.train.checkpoint import load_checkpoint, load_finalized
+from asc.train.data import (
+    clip_samples,
+    clipset_devices,
+    make_dataset,
+    open_clipset,
+    split_clips,
+)
 from asc.train.metrics import Metrics, compute_metrics
 
 
@@ -36,10 +49,6 @@ def predict_logits(dataset: ClipDataset, forward: Callable[[Tensor], Tensor], *,
     return torch.cat(outputs).numpy()
 
 
-FLOAT_CHECKPOINT = "float"
-"""A compressed run's float twin of its finalized module (``checkpoints/float.pt``)."""
-
-
 def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.device = "cpu", *,
                    trainable: bool = False) -> tuple[nn.Module, dict]:
     """The model of a run folder in eval mode, plus the checkpoint's metadata.
@@ -52,13 +61,12 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.
     recorded in their spec.
     """
     run_dir = Path(run_dir)
-    if checkpoint == "last" and (run_dir / FINALIZED_NAME).is_file():
-        if trainable:
-            checkpoint = FLOAT_CHECKPOINT
-        else:
-            state = load_checkpoint(run_dir / "checkpoints" / f"{FLOAT_CHECKPOINT}.pt", device)
-            return load_finalized(run_dir / FINALIZED_NAME, device), state  # inference-only already
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if trainable:
+        checkpoint = trainable_checkpoint(run_dir, checkpoint)
+    elif (deployed := deployed_file(run_dir, checkpoint)).name == FINALIZED_NAME:
+        state = load_checkpoint(checkpoint_file(run_dir, FLOAT_CHECKPOINT), device)
+        return load_finalized(deployed, device), state  # inference-only already
+    path = checkpoint_file(run_dir, checkpoint)
     state = load_checkpoint(path, device)
     spec = state["model_spec"]
 
