@@ -132,7 +132,7 @@ def cpu_line(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     try:
         for line in cpuinfo.read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown CPU":
+            if key.strip() in ("model name", "Model name") and model == "unknown CPU":
                 model = value.strip()
             elif key.strip() in ("flags", "Features"):
                 flags = set(value.split())

@@ -27,7 +27,6 @@ bias, a graph output) refuses the gate at export.
 from __future__ import annotations
 
 import json
-import lzma
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -37,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 from tqdm import tqdm
 
@@ -51,7 +49,14 @@ from asc.bundle_manifest import (
 )
 from asc.classify import Failure, find_audio_files
 from asc.errors import AscError
-from asc.runtime import bundle_frontend, window_starts
+from asc.onnx_graph import prune_dead_nodes
+from asc.runtime import (
+    bundle_frontend,
+    model_bytes,
+    open_session,
+    session_options,
+    window_starts,
+)
 
 PLAN_NAME = "ppp.json"
 PLAN_FORMAT = 1
@@ -296,21 +301,6 @@ def gate_plans(model: onnx.ModelProto, gates: Sequence[tuple[str, str, int]]) ->
 # Pruning and fixing the gates
 
 
-def _prune_dead(graph: onnx.GraphProto) -> None:
-    """Drop nodes whose outputs nobody reads, then initializers nobody reads."""
-    wanted = {output.name for output in graph.output}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if any(name in wanted for name in node.output):
-            kept.append(node)
-            wanted.update(name for name in node.input if name)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    used = [init for init in graph.initializer if init.name in wanted]
-    del graph.initializer[:]
-    graph.initializer.extend(used)
-
-
 def _drop_gate_outputs(graph: onnx.GraphProto, plans: Sequence[GatePlan]) -> None:
     outputs = {plan.output for plan in plans}
     kept = [output for output in graph.output if output.name not in outputs]
@@ -342,7 +332,7 @@ def fix_gates(model: onnx.ModelProto, plans: Sequence[GatePlan], keeps: Sequence
         graph.initializer.append(numpy_helper.from_array(keep.astype(np.float32).reshape(1, -1, 1, 1), constant))
         mul.input[:] = [plan.activation, constant]
     _drop_gate_outputs(graph, plans)
-    _prune_dead(graph)
+    prune_dead_nodes(graph)
     return fixed
 
 
@@ -386,7 +376,7 @@ def prune_graph(model: onnx.ModelProto, plans: Sequence[GatePlan], keeps: Sequen
     for node_name, kept in gathers:
         _insert_gather(graph, nodes[node_name], kept)
     _drop_gate_outputs(graph, plans)
-    _prune_dead(graph)
+    prune_dead_nodes(graph)
     return pruned
 
 
@@ -433,21 +423,13 @@ def open_gated_bundle(bundle_dir: str | os.PathLike[str]) -> GatedBundle:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise AscError(f"{plan_path}: not a readable PPP plan ({error}); re-export the gated bundle") from None
     path = manifest.model_path(bundle_dir)
-    payload = lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else path.read_bytes()
-    model = onnx.load_model_from_string(payload)
+    model = onnx.load_model_from_string(model_bytes(path))
     outputs = {output.name for output in model.graph.output}
     missing = [plan.output for plan in plans if plan.output not in outputs]
     if missing:
         raise AscError(f"{path}: gate outputs {missing} named in {PLAN_NAME} are not in the graph; re-export the "
                        "gated bundle")
     return GatedBundle(bundle_dir, manifest, model, plans, threshold)
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass(frozen=True)
@@ -488,7 +470,7 @@ def enrolment_inputs(bundle: GatedBundle, paths: Iterable[str | os.PathLike[str]
 def gate_masks(model: onnx.ModelProto, manifest: BundleManifest, plans: Sequence[GatePlan], inputs: np.ndarray,
                *, batch_size: int = 16) -> list[np.ndarray]:
     """Each gate's ``(windows, channels)`` masks from the gated graph."""
-    session = _session(model)
+    session = open_session(model.SerializeToString(), session_options(1))
     names = [plan.output for plan in plans]
     batches = [session.run(names, {manifest.input_name: inputs[start:start + batch_size]})
                for start in range(0, len(inputs), batch_size)]
@@ -501,7 +483,7 @@ def prototype_keeps(masks: Sequence[np.ndarray], threshold: float = THRESHOLD) -
 
 
 def logits(model: onnx.ModelProto, manifest: BundleManifest, inputs: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
-    session = _session(model)
+    session = open_session(model.SerializeToString(), session_options(1))
     return np.concatenate([session.run([manifest.output_name], {manifest.input_name: inputs[i:i + batch_size]})[0]
                            for i in range(0, len(inputs), batch_size)])
 

@@ -16,7 +16,6 @@ if str(REPO) not in sys.path:
 SHARED = Path(os.environ.get("ASC_SHARED", REPO.parent / "shared"))
 
 _VERSIONS = ("torch", "torchao", "onnxruntime", "onnx", "numpy", "scipy", "librosa", "soundfile", "torch-pruning")
-_INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -35,18 +34,9 @@ def _environment() -> list[str]:
         except PackageNotFoundError:
             return f"{name} missing"
 
-    cpu, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model name") and cpu == "unknown CPU":
-                cpu = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-    except OSError:
-        pass
-    return [", ".join(installed(name) for name in _VERSIONS),
-            f"cpu: {cpu}; int8 flags: {' '.join(f for f in _INT8_FLAGS if f in flags) or 'none'}"]
+    from asc.bench import cpu_line
+
+    return [", ".join(installed(name) for name in _VERSIONS), f"cpu: {cpu_line()}"]
 
 
 @pytest.fixture(scope="session")

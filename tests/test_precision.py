@@ -29,7 +29,6 @@ from asc.export.precision import (
     NAIVE_PLAN,
     PlanMeasurement,
     PrecisionPlan,
-    _constants,
     _next_step,
     node_groups,
     plan_precision,
@@ -40,6 +39,7 @@ from asc.export.precision import (
 from asc.export.search import keep_float, quantized_activations, quantized_weights
 from asc.export.verify import Agreement, fusion_census
 from asc.models import FreqNorm, build_model
+from asc.onnx_graph import graph_constants
 
 N_MELS, FRAMES = 32, 41  # odd frame count: the stem's space-to-depth needs an extra padding column
 N_BLOCKS, N_NORMS = 9, 5  # BC-ResNet-Mod: 2+2+2+3 blocks, the input norm plus one per stage
@@ -336,7 +336,7 @@ def test_keeping_every_tensor_float_gives_back_the_float_model(exported: Path, t
     the ReLUs that the quantizer folded into zero-point clamps must come back for this to hold."""
     int8 = quantize_planned(exported, tmp_path / "int8.onnx", [_inputs(4, seed=s) for s in range(2)])
     model = onnx.load(str(int8))
-    values = _constants(rewrite_for_int8(onnx.load(str(exported)))[0].graph)
+    values = graph_constants(rewrite_for_int8(onnx.load(str(exported)))[0].graph)
     activations, weights = quantized_activations(model), quantized_weights(model, values)
     assert len(activations) > 50 and len(weights) == fusion_census(int8).quantized_convs
     everything = keep_float(model, [*activations, *weights], values)

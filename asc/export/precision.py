@@ -53,6 +53,7 @@ from asc.export.onnx import (
     save_onnx,
 )
 from asc.export.verify import Agreement, compare_logits
+from asc.onnx_graph import graph_constants, node_attribute, prune_dead_nodes
 
 REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "freq_mean_conv", "norm_affine_on_input")
 """All int8-friendly rewrites, in the order they are applied."""
@@ -80,7 +81,7 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.graph = model.graph
         self.shapes = _static_shapes(model)
-        self.constants = _constants(self.graph)
+        self.constants = graph_constants(self.graph)
         self.producer = {out: node for node in self.graph.node for out in node.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in self.graph.node:
@@ -115,7 +116,7 @@ class _Graph:
             nodes.extend(self._replacements.get(id(node), [node]))
         del self.graph.node[:]
         self.graph.node.extend(nodes)
-        _prune_dead(self.graph)
+        prune_dead_nodes(self.graph)
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
@@ -131,47 +132,12 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
             for info in [*graph.value_info, *graph.input, *graph.output]}
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
-
-
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers plus Constant and Identity-of-constant outputs (the legacy exporter dedups with Identity)."""
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and _attr(node, "value") is not None:
-            values[node.output[0]] = numpy_helper.to_array(_attr(node, "value"))
-    for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in values:
-            values[node.output[0]] = values[node.input[0]]
-    return values
-
-
-def _prune_dead(graph: onnx.GraphProto) -> None:
-    needed = {output.name for output in graph.output}
-    keep = []
-    for node in reversed(graph.node):
-        if any(out in needed for out in node.output):
-            keep.append(node)
-            needed.update(name for name in node.input if name)
-    keep.reverse()
-    del graph.node[:]
-    graph.node.extend(keep)
-    used = {name for node in graph.node for name in node.input}
-    initializers = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-
-
 def _reduce_axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int] | None:
     """ReduceMean axes from the attribute (opset < 18) or the second input (opset 18)."""
     if len(node.input) > 1 and node.input[1]:
         value = constants.get(node.input[1])
         return None if value is None else [int(a) for a in np.ravel(value)]
-    axes = _attr(node, "axes")
+    axes = node_attribute(node, "axes")
     return None if axes is None else [int(a) for a in axes]
 
 
@@ -229,7 +195,7 @@ def _subspectral_bands(g: _Graph, report: RewriteReport) -> int:
         if any(p is None for p in params):
             continue
         gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
-        scale = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
+        scale = gamma / np.sqrt(var + float(node_attribute(bn, "epsilon", 1e-5)))
         shift = beta - mean * scale
         bands = stacked // channels
         scale, shift = scale.reshape(channels, bands), shift.reshape(channels, bands)
@@ -258,14 +224,14 @@ def _band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, output:
     """
     conv = g.producer.get(x)
     channels, bands = scale.shape
-    if conv is None or conv.op_type != "Conv" or len(g.users(x)) != 1 or _attr(conv, "group", 1) != channels:
+    if conv is None or conv.op_type != "Conv" or len(g.users(x)) != 1 or node_attribute(conv, "group", 1) != channels:
         return []
     weight = g.constants.get(conv.input[1])
     in_shape = g.shape(conv.input[0])
-    strides, dilations = _attr(conv, "strides", [1, 1]), _attr(conv, "dilations", [1, 1])
-    pads = _attr(conv, "pads", [0, 0, 0, 0])
+    strides, dilations = node_attribute(conv, "strides", [1, 1]), node_attribute(conv, "dilations", [1, 1])
+    pads = node_attribute(conv, "pads", [0, 0, 0, 0])
     if (weight is None or weight.ndim != 4 or weight.shape[:2] != (channels, 1) or not in_shape
-            or in_shape[2] is None or strides[0] != 1 or dilations[0] != 1 or _attr(conv, "auto_pad", b"NOTSET")
+            or in_shape[2] is None or strides[0] != 1 or dilations[0] != 1 or node_attribute(conv, "auto_pad", b"NOTSET")
             not in (b"NOTSET", "NOTSET")):
         return []
     freq, kernel = in_shape[2], weight.shape[2]
@@ -315,13 +281,13 @@ def _stem_space_to_depth(g: _Graph, report: RewriteReport) -> int:
             continue
         weight = g.constants.get(conv.input[1])
         x_shape, y_shape = g.shape(conv.input[0]), g.shape(conv.output[0])
-        if (weight is None or weight.ndim != 4 or weight.shape[1] != 1 or _attr(conv, "group", 1) != 1
-                or _attr(conv, "strides") != [2, 2] or _attr(conv, "dilations", [1, 1]) != [1, 1]
-                or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        if (weight is None or weight.ndim != 4 or weight.shape[1] != 1 or node_attribute(conv, "group", 1) != 1
+                or node_attribute(conv, "strides") != [2, 2] or node_attribute(conv, "dilations", [1, 1]) != [1, 1]
+                or node_attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
                 or not x_shape or not y_shape or None in x_shape[1:] or None in y_shape[1:]):
             continue
         out_channels, _, kh, kw = weight.shape
-        pads = _attr(conv, "pads", [0, 0, 0, 0])
+        pads = node_attribute(conv, "pads", [0, 0, 0, 0])
         (height, width), (out_h, out_w) = x_shape[2:], y_shape[2:]
         kh2, kw2 = -(-kh // 2), -(-kw // 2)
         bottom = 2 * (out_h - 1 + kh2) - height - pads[0]
@@ -350,7 +316,7 @@ def _stem_space_to_depth(g: _Graph, report: RewriteReport) -> int:
 def _freq_mean_conv(g: _Graph, report: RewriteReport) -> int:
     count = 0
     for node in list(g.graph.node):
-        if node.op_type != "ReduceMean" or _attr(node, "keepdims", 1) != 1:
+        if node.op_type != "ReduceMean" or node_attribute(node, "keepdims", 1) != 1:
             continue
         shape = g.shape(node.input[0])
         if (_reduce_axes(node, g.constants) not in ([2], [-2]) or not shape or len(shape) != 4
@@ -489,7 +455,7 @@ def node_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
     ``activation`` is Sigmoid/Relu/Clip and the multiply of a SiLU.
     """
     graph = model.graph
-    constants = _constants(graph)
+    constants = graph_constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
     prefix: set[str] = set()
     first_conv = next((node for node in graph.node if node.op_type == "Conv"), None)
@@ -518,9 +484,9 @@ def _group_of(node: onnx.NodeProto, prefix: set[str], constants: dict[str, np.nd
         weight = constants.get(node.input[1])
         if weight is None:
             return "dense"
-        if weight.shape[1] == 1 and _attr(node, "group", 1) == 1:
+        if weight.shape[1] == 1 and node_attribute(node, "group", 1) == 1:
             return "stem"
-        if _attr(node, "group", 1) > 1:
+        if node_attribute(node, "group", 1) > 1:
             return "depthwise"
         return "pointwise" if all(k == 1 for k in weight.shape[2:]) else "dense"
     if node.op_type in ("Add", "Sum"):
@@ -671,7 +637,7 @@ def share_concat_ranges(model: onnx.ModelProto, *, tag: str = f"{_TAG}band") -> 
             node.input[1], node.input[2] = scale_name, zero_name
         shared += 1
     if shared:
-        _prune_dead(graph)
+        prune_dead_nodes(graph)
     return shared
 
 
@@ -679,7 +645,7 @@ def share_concat_ranges(model: onnx.ModelProto, *, tag: str = f"{_TAG}band") -> 
 # Measuring plans
 
 
-def _logits(session: ort.InferenceSession, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
+def session_logits(session: ort.InferenceSession, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])
 
@@ -771,7 +737,7 @@ def plan_precision(fp32_path: str | Path, calibration: Sequence[np.ndarray], inp
     start = start or PrecisionPlan()
     with tempfile.TemporaryDirectory(prefix="asc-plan-", dir=work_dir) as tmp:
         fp32 = ort_session(fp32_path, threads=threads)
-        reference = _logits(fp32, inputs)
+        reference = session_logits(fp32, inputs)
         feed = np.ascontiguousarray(inputs[:1], dtype=np.float32)
         built: dict[PrecisionPlan, tuple[Path, Agreement]] = {}
 
@@ -779,7 +745,7 @@ def plan_precision(fp32_path: str | Path, calibration: Sequence[np.ndarray], inp
             if plan not in built:
                 path = Path(tmp) / f"candidate{len(built)}.onnx"
                 quantize_planned(fp32_path, path, calibration, plan, float_nodes=float_nodes)
-                built[plan] = (path, compare_logits(reference, _logits(ort_session(path), inputs),
+                built[plan] = (path, compare_logits(reference, session_logits(ort_session(path), inputs),
                                                     reference_name="onnx_fp32", candidate_name=str(path.name)))
             return built[plan]
 

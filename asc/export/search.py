@@ -36,12 +36,11 @@ from asc.errors import ConfigError
 from asc.export.onnx import CALIBRATIONS, ort_session, save_onnx
 from asc.export.precision import (
     PrecisionPlan,
-    _constants,
-    _logits,
-    _prune_dead,
     quantize_planned,
     rewrite_for_int8,
+    session_logits,
 )
+from asc.onnx_graph import graph_constants, prune_dead_nodes
 
 # ---------------------------------------------------------------------------------------------
 # Quantized activations and keeping some of them float
@@ -146,7 +145,7 @@ def keep_float(model: onnx.ModelProto, tensors: Collection[str],
         nodes.insert(at, relu)
     del graph.node[:]
     graph.node.extend(nodes)
-    _prune_dead(graph)  # the bypassed Q/DQ nodes feed nothing now
+    prune_dead_nodes(graph)  # the bypassed Q/DQ nodes feed nothing now
     return model
 
 
@@ -255,7 +254,7 @@ def search_int8(fp32_path: str | Path, out_path: str | Path, calibration: Sequen
         raise ConfigError("search_int8 needs at least one calibration batch and one search clip")
     plan = plan or PrecisionPlan()
     search_inputs = np.ascontiguousarray(search_inputs, dtype=np.float32)
-    reference = _logits(ort_session(fp32_path), search_inputs)
+    reference = session_logits(ort_session(fp32_path), search_inputs)
     with tempfile.TemporaryDirectory(prefix="asc-search-") as tmp:
         scratch = Path(tmp)
 
@@ -263,7 +262,7 @@ def search_int8(fp32_path: str | Path, out_path: str | Path, calibration: Sequen
             path = scratch / "candidate.onnx"
             onnx.save_model(model, str(path))
             inputs = search_inputs if rows is None else search_inputs[rows]
-            return _logits(ort_session(path, fused=fused), inputs)
+            return session_logits(ort_session(path, fused=fused), inputs)
 
         def agreement(model: onnx.ModelProto) -> float:
             return float((logits(model).argmax(1) == reference.argmax(1)).mean())
@@ -279,7 +278,7 @@ def search_int8(fp32_path: str | Path, out_path: str | Path, calibration: Sequen
                 break  # the listed order is the preference: min-max first, it keeps every outlier in range
         best = max(scores, key=lambda m: scores[m])  # the first listed wins a tie
         model, plan = quantized[best], replace(plan, calibration=best)  # type: ignore[arg-type]
-        values = _constants(rewrite_for_int8(onnx.load(str(fp32_path)), plan.rewrites)[0].graph)
+        values = graph_constants(rewrite_for_int8(onnx.load(str(fp32_path)), plan.rewrites)[0].graph)
         weights = quantized_weights(model, values)
         candidates = [*quantized_activations(model), *weights]
         steps = [(0, scores[best])]
