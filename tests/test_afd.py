@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from compress_resume import assert_same_tensors, kill_and_resume
+from ddp_run import run_two_ranks
+from grad_probe import gradient_sizes
+from source_run import train_source_run
 
 from asc.cli import main
 from asc.compress.afd import (
@@ -29,16 +29,14 @@ from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.train.checkpoint import load_checkpoint
 from asc.train.evaluate import load_run_model
-from asc.train.loop import BatchInfo, Trainer, parameter_digest, train_or_resume
+from asc.train.loop import BatchInfo, Trainer, parameter_digest
 
 SHAPE = (1, 32, 63)  #: one example of the tiny runs: 32 mels, 1 s at hop 256
 
 
 @pytest.fixture(scope="module")
 def source(tiny_overrides, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("afd") / "source"
-    train_or_resume(load_config(RunConfig, None, tiny_overrides(epochs=1)), run, progress=False)
-    return run
+    return train_source_run(tmp_path_factory, tiny_overrides, "afd", "source")
 
 
 # ------------------------------------------------------------------------------ options and modules
@@ -47,7 +45,8 @@ def source(tiny_overrides, tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("options", "match"), [
     ({"widths": []}, "afd.widths"), ({"widths": [0]}, "afd.widths"), ({"runs": []}, "afd.runs"),
     ({"disc_layers": 0}, "afd.disc_layers"), ({"alpha": -1}, "afd.alpha"), ({"disc_lr": 0}, "afd.disc_lr"),
-    ({"deploy": -1}, "afd.deploy"), ({"temperature": 0}, "temperature")])
+    ({"deploy": -1}, "afd.deploy"), ({"temperature": 0}, "temperature"),
+    ({"disc_optimizer": "adam"}, "afd.disc_optimizer")])
 def test_options_are_checked(options: dict, match: str):
     with pytest.raises(ConfigError, match=match):
         AFDOptions(**options)
@@ -103,18 +102,6 @@ def started_trainer(source: Path, tiny_overrides, out: Path, run: tuple[str, ...
     return trainer, afd
 
 
-def gradient_sizes(term: torch.Tensor, groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
-    """Sum of |gradient| of ``term`` over each group of parameters (exact zeros where it does not reach)."""
-    flat = [p for params in groups.values() for p in params]
-    grads = torch.autograd.grad(term, flat, retain_graph=True, allow_unused=True)
-    sizes, start = {}, 0
-    for name, params in groups.items():
-        chunk = grads[start:start + len(params)]
-        sizes[name] = float(sum(0.0 if g is None else g.abs().sum() for g in chunk))
-        start += len(params)
-    return sizes
-
-
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 
@@ -127,6 +114,7 @@ def test_discriminators_step_first_and_each_gradient_reaches_its_own_modules(sou
               "transfer0": list(transfer.layers[0].parameters()), "discriminators": list(discriminators.parameters())}
     networks = groups["student"] + groups["peer"] + groups["transfer0"]
     assert isinstance(transfer.layers[1], torch.nn.Identity)  # the peer (c = 16) is the wider network
+    assert isinstance(afd.disc_optimizer, torch.optim.AdamW) and isinstance(trainer.optimizer, torch.optim.SGD)
 
     batch = next(iter(trainer._train_loader(0)))
     x, labels, devices, indices = batch
@@ -298,11 +286,7 @@ def test_two_process_ddp_ranks_finish_with_identical_student_peer_and_discrimina
     """The report keeps every rank's digest of the model and of each trained auxiliary module."""
     out, driver = source.with_name("afd-ddp"), tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-               str(source), str(out), "train.epochs=2", "train.device=cpu", "afd.disc_channels=16"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_ranks(driver, source, out, "train.epochs=2", "train.device=cpu", "afd.disc_channels=16")
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
     model, auxiliaries = report["parameter_digests"], report["auxiliary_digests"]

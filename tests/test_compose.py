@@ -18,7 +18,7 @@ from asc.compress.base import Job, method_classes
 from asc.compress.stage import compress_run
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
-from asc.train.checkpoint import FINALIZED_NAME
+from asc.run_files import FINALIZED_NAME
 from asc.train.loop import train_or_resume
 
 METHODS = method_classes()

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from source_run import train_source_run
 from torch.fx import GraphModule
 
 from asc.cli import main
@@ -19,13 +20,12 @@ from asc.compress.prune import LayerSelection
 from asc.compress.psg import PSG, PSGOptions
 from asc.compress.quant import QATModel, int8_conv_weights
 from asc.compress.stage import build_methods, compress_run, split_overrides
-from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.models import BCResNetMod
-from asc.train.checkpoint import FINALIZED_NAME
+from asc.run_files import FINALIZED_NAME
 from asc.train.evaluate import evaluate_run, load_run_model
 from asc.train.hooks import phase_starts
-from asc.train.loop import BatchInfo, train_or_resume
+from asc.train.loop import BatchInfo
 
 SHAPE = (1, 32, 40)
 EPOCHS, STEPS_PER_EPOCH = 4, 2
@@ -170,9 +170,7 @@ def test_bad_method_options_name_the_key():
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_overrides, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("compress") / "base"
-    train_or_resume(load_config(RunConfig, None, tiny_overrides(epochs=2)), run, progress=False)
-    return run
+    return train_source_run(tmp_path_factory, tiny_overrides, "compress", epochs=2)
 
 
 @pytest.mark.slow

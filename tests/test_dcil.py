@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from compress_resume import assert_same_tensors, kill_and_resume
+from ddp_run import assert_ranks_equal, compress_on_two_ranks
+from source_run import train_source_run
 
 from asc.cli import main
 from asc.compress.base import StageContext
@@ -21,13 +20,13 @@ from asc.compress.dense_path import batch_norm_names
 from asc.compress.kd import kd_loss
 from asc.compress.prune import MASK, sparsity_report, weight_layers
 from asc.compress.stage import build_methods
-from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.models import BCResNetMod
-from asc.train.checkpoint import FINALIZED_NAME, load_checkpoint
+from asc.run_files import FINALIZED_NAME
+from asc.train.checkpoint import load_checkpoint
 from asc.train.evaluate import load_run_model
 from asc.train.hooks import phase_starts
-from asc.train.loop import BatchInfo, parameter_digest, train_or_resume
+from asc.train.loop import BatchInfo, parameter_digest
 
 SHAPE = (1, 32, 40)
 EPOCHS, STEPS_PER_EPOCH = 4, 2
@@ -220,9 +219,7 @@ def test_dcil_owns_masks_and_distillation_and_names_bad_options():
 
 @pytest.fixture(scope="module")
 def source_run(tiny_overrides, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("dcil") / "base"
-    train_or_resume(load_config(RunConfig, None, tiny_overrides(epochs=1)), run, progress=False)
-    return run
+    return train_source_run(tmp_path_factory, tiny_overrides, "dcil")
 
 
 @pytest.mark.slow
@@ -275,69 +272,23 @@ def test_dcil_killed_mid_warm_up_resumes_to_the_same_weights(source_run: Path, m
 
 # ------------------------------------------------------------------------------- two-process DDP
 
-# Runs one rank: compress_run as `asc compress` would, saving this rank's state when training ends.
-RANK_SCRIPT = """
-import sys
-from pathlib import Path
-
-import torch
-
-from asc.compress.stage import compress_run
-from asc.train.loop import Trainer
-
-source, out, method, *overrides = sys.argv[1:]
-finish = Trainer._finish
-
-
-def finish_and_save(self, metrics):
-    torch.save({"model": self.model.state_dict(), "step": self.step,
-                "auxiliaries": {name: aux.module.state_dict() for name, aux in self.auxiliaries.items()}},
-               Path(out).with_name(f"{method}-rank{self.ctx.rank}.pt"))
-    return finish(self, metrics)
-
-
-Trainer._finish = finish_and_save
-compress_run(Path(source), Path(out), [method], overrides, progress=False)
-"""
-
-
-def run_two_ranks(tmp_path: Path, source: Path, method: str, overrides: list[str]) -> list[dict]:
-    script, out = tmp_path / "rank.py", tmp_path / method
-    script.write_text(RANK_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), str(source), str(out), method, *overrides, "train.device=cpu"]
-    result = subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=600, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / FINALIZED_NAME).is_file()
-    return [torch.load(tmp_path / f"{method}-rank{rank}.pt", weights_only=True) for rank in (0, 1)]
-
-
-def assert_ranks_equal(ranks: list[dict], auxiliary: str) -> None:
-    assert ranks[0]["step"] == ranks[1]["step"] > 0
-    for key in ("model", "auxiliaries"):
-        a, b = ranks[0][key], ranks[1][key]
-        flat_a = a if key == "model" else {f"{n}.{k}": v for n, s in a.items() for k, v in s.items()}
-        flat_b = b if key == "model" else {f"{n}.{k}": v for n, s in b.items() for k, v in s.items()}
-        assert flat_a.keys() == flat_b.keys()
-        unequal = [name for name in flat_a if not torch.equal(flat_a[name], flat_b[name])]
-        assert not unequal, f"ranks differ in {key}: {unequal[:5]}"
-    assert set(ranks[0]["auxiliaries"]) == {auxiliary}
-
 
 @pytest.mark.slow
 def test_two_process_ddp_ranks_finish_with_identical_weights_and_dense_paths(tmp_path: Path, source_run: Path,
                                                                           tiny_overrides):
     """Both ranks hold the same model and the same dense-path norms and classifier (an auxiliary)."""
-    ranks = run_two_ranks(tmp_path, source_run, "dcil", [*tiny_overrides(epochs=2), "optim.lr=0.01", "dcil.sparsity=0.5",
-                                                         "dcil.target=0.5", "dcil.every=1", "dcil.warmup=0.5"])
+    out = tmp_path / "dcil"
+    ranks = compress_on_two_ranks(source_run, out, ["dcil"], [*tiny_overrides(epochs=2), "train.device=cpu",
+                                                             "optim.lr=0.01", "dcil.sparsity=0.5", "dcil.target=0.5",
+                                                             "dcil.every=1", "dcil.warmup=0.5"])
+    assert (out / FINALIZED_NAME).is_file()
     assert_ranks_equal(ranks, "dcil.dense")
     dense, model = ranks[0]["auxiliaries"]["dcil.dense"], ranks[0]["model"]
     fc_full = dense[f"owned.{max(int(key.split('.')[1]) for key in dense)}.weight"]  # the classifier comes last
     start = load_checkpoint(source_run / "checkpoints" / "last.pt")["model"]["classifier.weight"]
     assert fc_full.shape == start.shape and not torch.equal(fc_full, start)  # the dense path trained (on both ranks)
     assert not torch.equal(fc_full, model["classifier.weight"])
-    history = [json.loads(line) for line in (tmp_path / "dcil" / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["phases"]["dcil"] for h in history] == [WARMUP, MUTUAL]
 
 
@@ -345,7 +296,10 @@ def test_two_process_ddp_ranks_finish_with_identical_weights_and_dense_paths(tmp
 def test_two_process_ddp_pqk_ranks_finish_with_identical_weights_and_teacher(tmp_path: Path, source_run: Path,
                                                                           tiny_overrides):
     """PQK's teacher is the same dense path: its norms are all-reduced like DCIL's."""
-    ranks = run_two_ranks(tmp_path, source_run, "pqk", [*tiny_overrides(epochs=2), "optim.lr=0.01", "pqk.sparsity=0.5",
-                                                        "pqk.prune_end=0.25", "pqk.phase2=0.5", "pqk.freeze_bn_epochs=1",
-                                                        "pqk.freeze_observer_epochs=1"])
+    out = tmp_path / "pqk"
+    ranks = compress_on_two_ranks(source_run, out, ["pqk"], [*tiny_overrides(epochs=2), "train.device=cpu",
+                                                            "optim.lr=0.01", "pqk.sparsity=0.5", "pqk.prune_end=0.25",
+                                                            "pqk.phase2=0.5", "pqk.freeze_bn_epochs=1",
+                                                            "pqk.freeze_observer_epochs=1"])
+    assert (out / FINALIZED_NAME).is_file()
     assert_ranks_equal(ranks, "pqk.teacher_norms")

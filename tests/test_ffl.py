@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from compress_resume import assert_same_tensors, kill_and_resume
+from ddp_run import run_two_ranks
+from grad_probe import gradient_sizes
+from source_run import train_source_run
 
 from asc.cli import main
 from asc.compress.base import StageContext
@@ -34,7 +34,7 @@ from asc.models import build_model
 from asc.train.checkpoint import load_checkpoint, load_finalized, save_finalized
 from asc.train.evaluate import load_run_model
 from asc.train.hooks import phase_at
-from asc.train.loop import BatchInfo, Trainer, parameter_digest, train_or_resume
+from asc.train.loop import BatchInfo, Trainer, parameter_digest
 
 SHAPE = (1, 32, 63)  #: one example of the tiny runs: 32 mels, 1 s at hop 256
 
@@ -122,9 +122,7 @@ def test_options_are_checked(options: dict, match: str):
 
 @pytest.fixture(scope="module")
 def source(tiny_overrides, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("ffl") / "source"
-    train_or_resume(load_config(RunConfig, None, tiny_overrides(epochs=1)), run, progress=False)
-    return run
+    return train_source_run(tmp_path_factory, tiny_overrides, "ffl", "source")
 
 
 def started_trainer(source: Path, tiny_overrides, out: Path, **options) -> tuple[Trainer, FFL]:
@@ -145,18 +143,6 @@ def first_step(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, tor
         hook.on_epoch_start(trainer, 0)
     outputs = trainer._forward(trainer.features(x))
     return outputs, trainer._loss_terms(outputs, labels)
-
-
-def gradient_sizes(term: torch.Tensor, groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
-    """Sum of |gradient| of ``term`` over each group of parameters (exact zeros where it does not reach)."""
-    flat = [p for params in groups.values() for p in params]
-    grads = torch.autograd.grad(term, flat, retain_graph=True, allow_unused=True)
-    sizes, start = {}, 0
-    for name, params in groups.items():
-        chunk = grads[start:start + len(params)]
-        sizes[name] = float(sum(0.0 if g is None else g.abs().sum() for g in chunk))
-        start += len(params)
-    return sizes
 
 
 @pytest.mark.parametrize("feedback", [True, False])
@@ -311,12 +297,8 @@ def test_two_process_ddp_ranks_finish_with_identical_student_branches_and_fusion
     """report.json's digests cover the model only, so every rank also writes its auxiliaries' digests."""
     out, driver = source.with_name("ffl-ddp"), tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-               str(tmp_path), "compress", str(source), "--method", "ffl", "--out", str(out), "--quiet",
-               "train.epochs=2", "train.device=cpu", "ffl.lr=0.03"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_ranks(driver, tmp_path, "compress", source, "--method", "ffl", "--out", out, "--quiet", "train.epochs=2",
+                  "train.device=cpu", "ffl.lr=0.03")
     ranks = [json.loads((tmp_path / f"digests-{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(ranks[0]) == ["ffl.branches", "ffl.fusion", "model"]
     assert ranks[0] == ranks[1]

@@ -11,13 +11,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asc.compress.kd import (Distillation, ModelTeacher, OnlinePeers, PrecomputedTeacher, SelfTeacher, kd_loss,
-                             precompute_teacher_logits, teacher_cache_name)
+from asc.compress.kd import (
+    Distillation,
+    ModelTeacher,
+    OnlinePeers,
+    PrecomputedTeacher,
+    SelfTeacher,
+    kd_loss,
+    precompute_teacher_logits,
+    teacher_cache_name,
+)
 from asc.compress.qkd import load_teacher
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.models import build_model
-from asc.train.checkpoint import FINALIZED_NAME, load_checkpoint, save_checkpoint, save_finalized
+from asc.run_files import FINALIZED_NAME
+from asc.train.checkpoint import load_checkpoint, save_checkpoint, save_finalized
 from asc.train.evaluate import load_run_model
 from asc.train.loop import Trainer
 

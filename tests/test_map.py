@@ -26,7 +26,8 @@ from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.features import FeatureConfig
 from asc.models import BCResNetMod
-from asc.train.checkpoint import FINALIZED_NAME, load_checkpoint
+from asc.run_files import FINALIZED_NAME
+from asc.train.checkpoint import load_checkpoint
 from asc.train.evaluate import evaluate_run, load_run_model
 from asc.train.hooks import phase_starts
 from asc.train.loop import parameter_digest, train_or_resume

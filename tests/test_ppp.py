@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +14,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from compress_resume import assert_same_tensors, kill_and_resume
+from ddp_run import assert_ranks_equal, compress_on_two_ranks
+from source_run import train_source_run
 from torch import nn
 
 from asc.audio import fit_length, load_audio
@@ -43,7 +42,7 @@ from asc.models import BCResNet, BCResNetMod
 from asc.models.baseline import DCASE2021Baseline
 from asc.personalize import fix_gates, prune_graph
 from asc.train.evaluate import load_run_model
-from asc.train.loop import parameter_digest, train_or_resume
+from asc.train.loop import parameter_digest
 
 SHAPE = (1, 32, 63)  #: the tiny runs' log-mel: 32 mels, 1 s at hop 256
 
@@ -232,9 +231,7 @@ def test_pruned_graph_has_fewer_channels_and_computes_the_fixed_gates(kind: str,
 
 @pytest.fixture(scope="module")
 def source_run(tiny_overrides, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("ppp") / "base"
-    train_or_resume(load_config(RunConfig, None, tiny_overrides(epochs=1)), run, progress=False)
-    return run
+    return train_source_run(tmp_path_factory, tiny_overrides, "ppp")
 
 
 # strong sparsity and fast gates, so one tiny epoch closes channels
@@ -367,43 +364,10 @@ def test_ppp_killed_mid_run_resumes_to_the_same_weights_and_prototypes(source_ru
     assert parameter_digest(gated_a) == parameter_digest(gated_b)
 
 
-# Runs one rank of a PPP compression, saving its weights and prototypes when training ends.
-RANK_SCRIPT = """
-import sys
-from pathlib import Path
-
-import torch
-
-from asc.compress.stage import compress_run
-from asc.train.loop import Trainer
-
-source, out, *overrides = sys.argv[1:]
-finish = Trainer._finish
-
-
-def finish_and_save(self, metrics):
-    torch.save({"model": self.model.state_dict(), "step": self.step, "ppp": self.hooks[0].state_dict()},
-               Path(out).with_name(f"rank{self.ctx.rank}.pt"))
-    return finish(self, metrics)
-
-
-Trainer._finish = finish_and_save
-compress_run(Path(source), Path(out), ["ppp"], overrides, progress=False)
-"""
-
-
 @pytest.mark.slow
 def test_two_process_ddp_ranks_finish_with_identical_gates_and_prototypes(source_run: Path, tmp_path: Path):
     """Each rank sees other clips; the prototypes are summed over ranks, so they stay identical."""
-    script, out = tmp_path / "rank.py", tmp_path / "ppp"
-    script.write_text(RANK_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               str(source_run), str(out), "train.device=cpu", *PPP_FAST]
-    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=600, cwd=Path(__file__).parents[1], check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
-    assert ranks[0]["step"] == ranks[1]["step"] > 0
-    assert_same_tensors(ranks[0]["model"], ranks[1]["model"])
-    assert_same_tensors(ranks[0]["ppp"], ranks[1]["ppp"])
-    assert bool(ranks[0]["ppp"]["seen"].all())
+    ranks = compress_on_two_ranks(source_run, tmp_path / "ppp", ["ppp"], ["train.device=cpu", *PPP_FAST])
+    assert_ranks_equal(ranks)
+    assert_same_tensors(ranks[0]["hooks"][0], ranks[1]["hooks"][0])
+    assert bool(ranks[0]["hooks"][0]["seen"].all())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_run import run_two_ranks
 
 from asc.cli import main
 from asc.config import RunConfig, load_config
@@ -184,12 +185,7 @@ def test_resume_after_kill_matches_uninterrupted_run(workspace: Path, tiny_overr
 @pytest.mark.slow
 def test_two_process_ddp_ranks_finish_with_identical_weights(workspace: Path, tiny_overrides):
     run = workspace / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "asc", "train", "--quiet", "--out", str(run), *tiny_overrides(epochs=2),
-               "train.device=cpu"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_ranks("-m", "asc", "train", "--quiet", "--out", run, *tiny_overrides(epochs=2), "train.device=cpu")
     report = json.loads((run / "report.json").read_text())
     assert report["world_size"] == 2
     digests = report["parameter_digests"]
