@@ -45,9 +45,13 @@ from asc.config import (
 from asc.errors import AscError, ConfigError
 from asc.features import FeatureConfig
 from asc.models.resize import channel_spec
-from asc.run_files import FLOAT_CHECKPOINT
-from asc.train.checkpoint import (
+from asc.run_files import (
     FINALIZED_NAME,
+    FLOAT_CHECKPOINT,
+    checkpoint_file,
+    trainable_checkpoint,
+)
+from asc.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_finalized,
@@ -111,11 +115,6 @@ def build_methods(names: Sequence[str], options: dict[str, dict[str, Any]], cont
     return built
 
 
-def _source_checkpoint(source: Path) -> str:
-    """Start from the float twin of an already compressed run, else from the trained weights."""
-    return FLOAT_CHECKPOINT if (source / FINALIZED_NAME).is_file() else "last"
-
-
 def _check_source(source: Path) -> None:
     if not (source / "config.yaml").is_file() or not (source / "checkpoints" / "last.pt").is_file():
         raise AscError(f"{source}: not a trained run (needs config.yaml and checkpoints/last.pt); "
@@ -144,8 +143,8 @@ def compress_run(source: Path, out: Path, methods: Sequence[str], overrides: Seq
         raise ConfigError(f"{out}: the compressed run needs its own folder; choose another --out")
     run_overrides, options = split_overrides(overrides, methods)
     config = load_config(RunConfig, source / "config.yaml", overrides=run_overrides)
-    checkpoint = _source_checkpoint(source)
-    meta = load_checkpoint(source / "checkpoints" / f"{checkpoint}.pt")
+    checkpoint = trainable_checkpoint(source)  # an already compressed run: its float twin
+    meta = load_checkpoint(checkpoint_file(source, checkpoint))
     features = FeatureConfig.from_dict(meta["features"])
     frames = features.num_frames(meta["num_samples"])
     context = StageContext(source, (1, features.n_mels, frames), config.train.epochs)
@@ -197,7 +196,7 @@ def _finalize(trainer: Trainer, methods: Sequence[Method], context: StageContext
     save_checkpoint({"format": meta["format"], "model_spec": spec, "model": twin.state_dict(),
                      "features": meta["features"], "labels": trainer.data.labels, "devices": trainer.data.devices,
                      "num_samples": trainer.data.num_samples, "precision": "int8" if quantized else "fp32"},
-                    out / "checkpoints" / f"{FLOAT_CHECKPOINT}.pt")
+                    checkpoint_file(out, FLOAT_CHECKPOINT))
     deployable = trainer.finalized_model()
     metrics = trainer.evaluate(trainer.data.eval, model=deployable)
     features = FeatureConfig.from_dict(meta["features"])

@@ -15,7 +15,6 @@ from torch import nn
 
 from asc.errors import AscError
 from asc.io import atomic_path, atomic_torch_save
-from asc.run_files import FINALIZED_NAME as FINALIZED_NAME  # TEMP until tests move
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
