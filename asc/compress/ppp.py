@@ -213,7 +213,7 @@ def class_weights(labels: Tensor, num_classes: int, perm: Tensor | None = None, 
 
 @dataclass
 class PPPOptions:
-    sparsity: float = 0.05  #: lambda_s, weight of the mean gate (fraction of open channels)
+    sparsity: float = 2.0  #: lambda_s, weight of the mean gate (fraction of open channels); see docs/personalize.md
     prototype: float = 0.1  #: lambda_p, weight of the distance to the class's prototype gate pattern
     momentum: float = 0.9  #: EMA factor of the running class prototypes (per optimizer step)
     gate_lr: float = 100.0  #: the gate FCs' gradients are multiplied by this (their relative learning rate)
