@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from compress_resume import assert_same_tensors, kill_and_resume
+from ddp_run import assert_ranks_equal, compress_on_two_ranks
 from torch import nn
 
 from asc.cli import main
@@ -248,3 +249,16 @@ def test_ft_refuses_a_second_replacement_of_the_students_forward(runs):
     with pytest.raises(ConfigError, match="^ft.paraphrase_epochs=3 leaves no epoch"):
         build_methods(["ft"], {"ft": {"teacher": str(teacher), "paraphrase_epochs": 3}},
                       StageContext(student, (1, 32, 63), 3))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_finish_with_identical_student_paraphraser_and_translator(runs, tmp_path):
+    """Both phases under DDP: the paraphraser trains in the first, the student and translator in the second."""
+    student, teacher = runs
+    ranks = compress_on_two_ranks(student, tmp_path / "ft", ["ft"],
+                                  [*FT_RUN, f"ft.teacher={teacher}", "train.device=cpu"])
+    assert_ranks_equal(ranks, "ft.teacher", "ft.paraphraser", "ft.translator")
+    start = load_checkpoint(student / "checkpoints" / "last.pt")["model"]
+    assert any(not torch.equal(start[name], value) for name, value in ranks[0]["model"].items())  # it trained
+    history = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["phases"]["ft"] for h in history] == ["paraphrase", "transfer", "transfer"]
