@@ -34,6 +34,15 @@ def graph_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
+def tensor_consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes reading each tensor, in graph order, by tensor name."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def prune_dead_nodes(graph: onnx.GraphProto) -> None:
     """Drop the nodes no graph output depends on, then the initializers no node reads (in place)."""
     needed = {output.name for output in graph.output}

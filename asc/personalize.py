@@ -49,7 +49,7 @@ from asc.bundle_manifest import (
 )
 from asc.classify import Failure, find_audio_files
 from asc.errors import AscError
-from asc.onnx_graph import prune_dead_nodes
+from asc.onnx_graph import prune_dead_nodes, tensor_consumers
 from asc.runtime import (
     bundle_frontend,
     model_bytes,
@@ -118,10 +118,7 @@ class _Index:
         self.graph = graph
         self.nodes = {node.name: node for node in graph.node}
         self.producer = {output: node for node in graph.node for output in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.consumers = tensor_consumers(graph)
         self.constants = {init.name: init for init in graph.initializer}
         self.outputs = {output.name for output in graph.output}
 

@@ -53,7 +53,12 @@ from asc.export.onnx import (
     save_onnx,
 )
 from asc.export.verify import Agreement, compare_logits
-from asc.onnx_graph import graph_constants, node_attribute, prune_dead_nodes
+from asc.onnx_graph import (
+    graph_constants,
+    node_attribute,
+    prune_dead_nodes,
+    tensor_consumers,
+)
 
 REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "freq_mean_conv", "norm_affine_on_input")
 """All int8-friendly rewrites, in the order they are applied."""
@@ -83,10 +88,7 @@ class _Graph:
         self.shapes = _static_shapes(model)
         self.constants = graph_constants(self.graph)
         self.producer = {out: node for node in self.graph.node for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.consumers = tensor_consumers(self.graph)
         self._replacements: dict[int, list[onnx.NodeProto]] = {}
         self._dropped: set[int] = set()
 
@@ -599,10 +601,7 @@ def share_concat_ranges(model: onnx.ModelProto, *, tag: str = f"{_TAG}band") -> 
     graph = model.graph
     constants = {init.name: init for init in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = tensor_consumers(graph)
     shared = 0
     for concat in graph.node:
         if concat.op_type != "Concat" or tag not in concat.name:

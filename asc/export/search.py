@@ -40,7 +40,7 @@ from asc.export.precision import (
     rewrite_for_int8,
     session_logits,
 )
-from asc.onnx_graph import graph_constants, prune_dead_nodes
+from asc.onnx_graph import graph_constants, prune_dead_nodes, tensor_consumers
 
 # ---------------------------------------------------------------------------------------------
 # Quantized activations and keeping some of them float
@@ -56,7 +56,7 @@ def quantized_activations(model: onnx.ModelProto) -> list[str]:
     graph = model.graph
     constants = {init.name for init in graph.initializer}
     outputs = {output.name for output in graph.output}
-    consumers = _consumers(graph)
+    consumers = tensor_consumers(graph)
     found = []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in constants:
@@ -121,7 +121,7 @@ def keep_float(model: onnx.ModelProto, tensors: Collection[str],
     if unknown:
         raise ConfigError(f"tensors to keep float are not quantized activations or weights of the model: "
                           f"{sorted(unknown)[:5]}")
-    consumers = _consumers(graph)
+    consumers = tensor_consumers(graph)
     constants = {init.name: init for init in graph.initializer}
     alias: dict[str, str] = {}
     for name in wanted & set(weights):
@@ -161,18 +161,10 @@ def _clamps_at_zero(zero_point: onnx.TensorProto | None) -> bool:
     return bool(np.all(value == np.iinfo(value.dtype).min))
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    return consumers
-
-
 def _describe(model: onnx.ModelProto, tensor: str, weights: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
     """``op:name`` of the node that makes ``tensor`` and of the ops that read it (through its Q/DQ)."""
     graph = model.graph
-    consumers = _consumers(graph)
+    consumers = tensor_consumers(graph)
     if tensor in weights:
         return "weight", tuple(f"{n.op_type}:{n.name}" for n in consumers.get(weights[tensor], []))
     producer = next((f"{n.op_type}:{n.name}" for n in graph.node if tensor in n.output), "input")
