@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
+from asc.compress.pqk import PQKOptions
 from asc.compress.quant import (
     Int8QAT,
     QATConfig,
@@ -100,6 +101,14 @@ def test_config_rejects_bad_values():
         Int8QAT((32, 40))  # type: ignore[arg-type]
     assert [QATConfig(freeze_bn_epochs=2, freeze_observer_epochs=1).phase(e, 5) for e in range(5)] == [
         (False, False), (False, False), (False, False), (True, False), (True, True)]
+
+
+def test_defaults_freeze_batch_norm_only_in_the_last_epoch():
+    """Frozen BN halfway through a 4-epoch cosine run (lr 0.01) made every QAT + distillation
+    composition diverge within a few steps; frozen in the last epoch they trained normally
+    (docs/results-compression.md). PQK's own freeze options follow QAT's defaults."""
+    assert [QATConfig().phase(e, 4) for e in range(4)] == [(False, False)] * 3 + [(True, True)]
+    assert (PQKOptions().freeze_bn_epochs, PQKOptions().freeze_observer_epochs) == (1, 1)
 
 
 def test_hook_refuses_a_model_it_did_not_wrap():

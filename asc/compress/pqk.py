@@ -51,8 +51,8 @@ class PQKOptions:
     temperature: float = 2.0
     kd_weight: float = 1.0  #: weight of the student's distillation term
     teacher_weight: float = 1.0  #: weight of the teacher's cross-entropy
-    freeze_bn_epochs: int = 2
-    freeze_observer_epochs: int = 1
+    freeze_bn_epochs: int = QATConfig.freeze_bn_epochs
+    freeze_observer_epochs: int = QATConfig.freeze_observer_epochs
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prune_end <= self.phase2 <= 1.0:

@@ -70,11 +70,14 @@ _DEQUANTIZE_PER_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.
 class QATConfig:
     """When to freeze what, counted from the end of training.
 
-    Freezing BN statistics first and then the ranges is the usual QAT endgame: the last epochs
-    train the weights against the exact folded scales that will be deployed.
+    Freezing BN statistics and then the ranges is the usual QAT endgame: the last epochs train the
+    weights against the exact folded scales that will be deployed. Frozen BN takes away the
+    network's invariance to the scale of its weights, so it must come where the learning rate is
+    small: frozen at the 4-epoch cosine schedule's midpoint (lr 0.01), every composition with a
+    distillation term diverged within a few steps (docs/results-compression.md).
     """
 
-    freeze_bn_epochs: int = 2
+    freeze_bn_epochs: int = 1
     """The last this many epochs use BN running statistics instead of batch statistics."""
     freeze_observer_epochs: int = 1
     """The last this many epochs keep every activation and weight scale fixed."""
