@@ -37,13 +37,13 @@ import onnx
 import torch
 import torch.nn.functional as F
 from google.protobuf.message import DecodeError
-from onnx import numpy_helper
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from asc.errors import AscError, ConfigError
 from asc.features import FeatureConfig
 from asc.models import SubSpectralNorm, keras_param_count
+from asc.onnx_graph import graph_constants, tensor_consumers
 from asc.run_files import trainable_checkpoint
 
 WeightBytes = int | Mapping[str, int] | None
@@ -553,19 +553,8 @@ def _infer_shapes(model: onnx.ModelProto, path: Path, input_shape: tuple[int, ..
 
 
 def _graph_tables(model: onnx.ModelProto) -> _Graph:
-    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    producers: dict[str, onnx.NodeProto] = {}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                constants[node.output[0]] = numpy_helper.to_array(value)
-        for output in node.output:
-            producers[output] = node
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    return _Graph(constants, producers, consumers)
+    producers = {output: node for node in model.graph.node for output in node.output}
+    return _Graph(graph_constants(model.graph), producers, tensor_consumers(model.graph))
 
 
 def onnx_complexity(path: Path, input_shape: tuple[int, ...] | None = None, *,
