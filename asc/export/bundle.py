@@ -271,11 +271,13 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: ExportPre
                              calibration_clips=calibration_clips, search=search, calibrations=calibrations,
                              min_agreement=min_agreement, notes=notes, progress=progress)
         files = dict(built.files)
+        known: dict[str, np.ndarray] = {}
         if precision == "auto":
-            decision = _decide(requested, files, parity, min_agreement, progress=progress)
+            decision, known["onnx_fp32"] = _decide(requested, files, parity, min_agreement, progress=progress)
             precision = decision["chosen"]
             if precision == "fp32":
                 del files["onnx_int8"]
+                known.clear()  # the fp32 file ships compacted: the gate measures the shipped file
                 print(f"asc export: {decision['reason']}", file=sys.stderr)
         deployed = "onnx_int8" if precision == "int8" else "onnx_fp32"
         shipped = onnx.load(str(files[deployed]))
@@ -293,7 +295,7 @@ def export_trained(run: TrainedRun, out_dir: str | Path, *, precision: ExportPre
                 notes.append(f"ORT format conversion failed: {' '.join(str(error).split())[:300]}")
         reference = nn.Sequential(LogMel(run.features), run.model) if in_graph else run.model
         report = measure_parity(reference, candidates, parity, deployed=deployed, min_agreement=min_agreement,
-                                force=force, progress=progress, notes=notes,
+                                force=force, progress=progress, notes=notes, known=known,
                                 frontend=(LogMel(run.features), built.frontend) if built.frontend else None)
         enforce_gate(report, out_dir, advice=_GATE_ADVICE[precision])
         if ort_files is not None and report.comparison("ort").top1_agreement < min_agreement:
@@ -399,9 +401,10 @@ def _joined(run: TrainedRun, scratch: Path, files: dict[str, Path], in_graph: bo
 
 
 def _decide(requested: str, files: dict[str, Path], parity: ClipSample, min_agreement: float, *,
-            progress: bool) -> dict[str, Any]:
+            progress: bool) -> tuple[dict[str, Any], np.ndarray]:
     """``precision="auto"``: int8 when its top-1 agreement with fp32 on the held-out parity clips
-    passes the gate, else fp32; the record (with a one-line reason) goes into ``bundle.json``."""
+    passes the gate, else fp32; the record (with a one-line reason) goes into ``bundle.json``.
+    Also returns the fp32 file's logits, which the parity report reuses (the file does not change)."""
     reference = onnx_outputs(files["onnx_fp32"], parity, desc="decide fp32", progress=progress)
     agreement = compare_logits(reference, onnx_outputs(files["onnx_int8"], parity, desc="decide int8",
                                                        progress=progress),
@@ -410,8 +413,9 @@ def _decide(requested: str, files: dict[str, Path], parity: ClipSample, min_agre
     reason = (f"int8 agrees with fp32 on {agreement.top1_agreement:.2%} of {len(parity)} held-out clips "
               f"(gate {min_agreement:.0%}): "
               + ("shipped int8" if passed else "shipped fp32; --int8 --force writes int8 anyway"))
-    return {"requested": requested, "chosen": "int8" if passed else "fp32", "reason": reason,
-            "int8_top1_agreement": agreement.top1_agreement, "clips": len(parity), "min_agreement": min_agreement}
+    return ({"requested": requested, "chosen": "int8" if passed else "fp32", "reason": reason,
+             "int8_top1_agreement": agreement.top1_agreement, "clips": len(parity), "min_agreement": min_agreement},
+            reference)
 
 
 def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityReport, deployed: str, *,

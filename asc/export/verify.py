@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,18 +230,22 @@ class ParityReport:
 def measure_parity(reference: nn.Module, candidates: Sequence[Candidate], clips: ClipSample, *,
                    deployed: str, min_agreement: float = DEFAULT_MIN_AGREEMENT, force: bool = False,
                    frontend: tuple[nn.Module, Path] | None = None, progress: bool = False,
-                   notes: Sequence[str] = ()) -> ParityReport:
+                   notes: Sequence[str] = (), known: Mapping[str, np.ndarray] | None = None) -> ParityReport:
     """Run the torch ``reference`` and every candidate on ``clips`` and compare them.
 
     Each candidate is compared with its own reference (``"torch"`` or another candidate's
     name), so an int8 file is judged against the fp32 file it was quantized from, not against
     the exporter's differences too. ``deployed`` names the candidate the gate and the census
     are about. ``frontend`` is a torch front end and its ONNX file, compared on the raw clips.
+    ``known`` holds candidates' logits on these clips that were already computed (not rerun).
     """
     for candidate in candidates:
         check_model(candidate.path)
     logits = {"torch": torch_outputs(reference, clips, desc="parity torch", progress=progress)}
     for candidate in candidates:
+        if known is not None and candidate.name in known:
+            logits[candidate.name] = known[candidate.name]
+            continue
         logits[candidate.name] = onnx_outputs(candidate.path, clips, desc=f"parity {candidate.name}",
                                              progress=progress)
     comparisons = [compare_logits(logits[c.reference], logits[c.name], reference_name=c.reference,
