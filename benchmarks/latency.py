@@ -3,6 +3,7 @@ planned mixed precision), torchao PT2E int8 in torch, at 1 and 2 threads, in one
 
     python benchmarks/latency.py [--width 40] [--prune 0.5] [--repeats 20] [--run RUN_DIR] [--profile]
     python benchmarks/latency.py --bundle BUNDLE [--threads 1 2] [--repeats 30]
+    python benchmarks/latency.py --qat [--width 40] [--threads 1] [--repeats 30]
 
 Weights are random (BN statistics from a few forward passes on noise), which is fine for
 latency; agreement on random weights and noise inputs is only a smoke test. ``--run`` adds the
@@ -14,6 +15,9 @@ onnxruntime's per-op-type kernel time for fp32 and both int8 graphs (1 thread); 
 the int8-friendly rewrites one by one. ``--bundle`` times an exported (external front end) bundle's
 model against the fp32 graph of the run it came from, side by side per thread count, and prints
 what its export measured (agreement on held-out clips, the int8 search, the precision decision).
+``--qat`` puts the model through the repo's QAT path instead (ranges observed on the calibration
+clips, no weight training) and times its int8 QDQ graph before and after each int8-friendly rewrite
+next to ONNX fp32, with each step's logit change against the un-rewritten QAT graph.
 Every run prints the CPU model and its int8 flags first: the ratios are only true of that CPU.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -40,10 +46,12 @@ from asc.compress.prune import prune_channels  # noqa: E402
 from asc.export.onnx import export_frontend, ort_session, save_onnx, torch_to_onnx  # noqa: E402
 from asc.export.precision import (  # noqa: E402
     NAIVE_PLAN,
+    REQUANTIZED_BAND_CONVS,
     REWRITES,
     PrecisionPlan,
     plan_precision,
     quantize_planned,
+    rewrite_for_int8,
 )
 from asc.export.verify import compare_logits  # noqa: E402
 from asc.feature_spec import FastLogMel, FeatureConfig  # noqa: E402
@@ -209,6 +217,76 @@ def step_table(fp32: Path, calibration: list[np.ndarray], feed: np.ndarray, work
         print(f"  {name:<36} {t.median_ms:8.2f} ms  {t.median_ms / timings['fp32'].median_ms:5.2f}x ONNX fp32")
 
 
+def qat_export(model: torch.nn.Module, shape: tuple[int, int], calibration: list[np.ndarray], path: Path) -> Path:
+    """``model`` through the project's QAT path (:class:`asc.compress.quant.Int8QAT`), exported as int8 QDQ.
+
+    Ranges are observed on ``calibration`` with BN statistics frozen and the weights are not
+    trained: latency depends on the graph, not on the weights' values.
+    """
+    from asc.compress.quant import Int8QAT
+    from asc.export.onnx import export_onnx
+
+    hook = Int8QAT((1, *shape))
+    qat = hook.wrap_model(model)
+    qat.train()
+    qat.freeze(bn=True, observers=False)
+    with torch.no_grad():
+        for batch in calibration:
+            qat(torch.from_numpy(batch))
+    qat.eval()
+    return export_onnx(hook.finalize(qat), torch.from_numpy(np.concatenate(calibration[:2])), path,
+                       input_name="log_mel")
+
+
+QAT_STEPS: dict[str, tuple[str, ...]] = {
+    "QAT int8 + sub-spectral, norm affine": ("subspectral_bands", "norm_affine_on_input"),
+    "  + stem space-to-depth (exact)": ("subspectral_bands", "stem_space_to_depth", "norm_affine_on_input"),
+    "  + freq mean as int8 conv": REWRITES,
+    "  + int8 band convs (opt-in)": (*REWRITES, REQUANTIZED_BAND_CONVS),
+}
+"""Cumulative rewrites of a QAT graph: the first two are exact, the mean conv reads quantized values,
+the band convs drop the conv output's trained quantizer (docs/export-latency.md §13)."""
+
+
+def qat_table(width: int, shape: tuple[int, int], calibration: list[np.ndarray], feed: np.ndarray, work: Path,
+              thread_counts: list[int], repeats: int, agree_clips: int) -> None:
+    """ONNX fp32 against the QAT int8 graph before and after the rewrites, round-robin per thread count."""
+    start = time.perf_counter()
+    model = random_model(width, shape)
+    fp32 = save_onnx(torch_to_onnx(model, torch.from_numpy(np.concatenate(calibration[:2])), input_name="log_mel"),
+                     work / "fp32.onnx")
+    qat = qat_export(model, shape, calibration[:4], work / "qat.onnx")
+    paths = {"ONNX fp32": fp32, "QAT int8 (as exported)": qat}
+    for i, (name, rewrites) in enumerate(QAT_STEPS.items()):
+        rewritten, report = rewrite_for_int8(onnx.load(str(qat)), rewrites)
+        paths[name] = save_onnx(rewritten, work / f"qat_step{i}.onnx")
+        print(f"{name.strip()}: {report.applied}")
+    print(f"(QAT graph built and rewritten in {time.perf_counter() - start:.0f} s)")
+    for threads in thread_counts:
+        sessions = {name: ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+                    for name, path in paths.items()}
+        timings = interleaved({name: (lambda s=s: s.run(None, {"log_mel": feed})) for name, s in sessions.items()},
+                              repeats=repeats)
+        base, qat_ms = timings["ONNX fp32"].median_ms, timings["QAT int8 (as exported)"].median_ms
+        print(f"\nc={width} QAT, {threads} thread{'s' if threads > 1 else ''} (median of {repeats}, same loop; "
+              f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)")
+        for name, t in timings.items():
+            print(f"  {name:<40} {t.median_ms:8.2f} ms  p10 {t.p10_ms:8.2f}  {t.median_ms / base:5.2f}x ONNX fp32  "
+                  f"{t.median_ms / qat_ms:5.2f}x QAT int8")
+    inputs = log_mel_like(agree_clips, shape, seed=99)
+    print(f"\nlogit change against the un-rewritten QAT graph ({agree_clips} clips; fused = integer kernels, "
+          "Q/DQ = float simulation):")
+    for fused in (True, False):
+        reference = ort_session(qat, fused=fused).run(None, {"log_mel": inputs})[0]
+        scale = float(np.abs(reference).max())
+        for name in QAT_STEPS:
+            logits = ort_session(paths[name], fused=fused).run(None, {"log_mel": inputs})[0]
+            change = np.abs(logits - reference).max(axis=1)
+            print(f"  {'fused' if fused else 'Q/DQ '} {name.strip():<38} max {change.max():.4f}  median "
+                  f"{np.median(change):.4f}  (max |logit| {scale:.2f})  top-1 same "
+                  f"{(logits.argmax(1) == reference.argmax(1)).mean():.1%}")
+
+
 def print_profile(paths: dict[str, Path], feed: np.ndarray) -> None:
     profiles = {name: profile_ops(path, feed) for name, path in paths.items()}
     ops = sorted(set().union(*profiles.values()), key=lambda op: -max(p.get(op, 0.0) for p in profiles.values()))
@@ -274,6 +352,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-op-type kernel time, fp32 vs int8 (1 thread)")
     parser.add_argument("--steps", action="store_true", help="time the rewrites one by one (cumulative, 1 thread)")
     parser.add_argument("--bundle", type=Path, help="time this bundle's model against its run's fp32 graph, only")
+    parser.add_argument("--qat", action="store_true",
+                        help="time the QAT int8 graph before and after the int8 rewrites against ONNX fp32, only")
     args = parser.parse_args()
     print(f"cpu: {cpu_line()}; onnxruntime {ort.__version__}")
     if args.bundle is not None:
@@ -286,6 +366,13 @@ def main() -> None:
     torch.set_num_threads(1)
     calibration = [log_mel_like(1, shape, seed) for seed in range(args.calibration)]
     feed = log_mel_like(1, shape, seed=1000)
+    if args.qat:
+        print(f"BC-ResNet-Mod c={args.width}, random weights through QAT range observation, input "
+              f"1x1x{shape[0]}x{shape[1]}, torch {torch.__version__}")
+        with tempfile.TemporaryDirectory(prefix="asc-latency-") as tmp:
+            qat_table(args.width, shape, calibration, feed, Path(tmp), args.threads, args.repeats,
+                      min(args.agree_clips, 16))
+        return
     plan = PrecisionPlan()
     print(f"BC-ResNet-Mod c={args.width}, random weights, input 1x1x{shape[0]}x{shape[1]} ({CLIP_SECONDS:g}-s clip "
           f"at {features.sample_rate} Hz), onnxruntime {ort.__version__}, torch {torch.__version__}")

@@ -61,7 +61,12 @@ from asc.export.onnx import (
     save_onnx,
     torch_to_onnx,
 )
-from asc.export.precision import PrecisionPlan, quantize_planned
+from asc.export.precision import (
+    QDQ_EXACT_REWRITES,
+    PrecisionPlan,
+    quantize_planned,
+    rewrite_for_int8,
+)
 from asc.export.search import SearchReport, search_int8
 from asc.export.verify import (
     DEFAULT_MIN_AGREEMENT,
@@ -360,7 +365,10 @@ def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, grid: QuantG
     exported = torch_to_onnx(run.model, example, input_name=FEATURE_INPUT, output_name=OUTPUT)
     calibrated, searched = None, None
     if is_quantized_graph(run.model):
-        files = {"onnx_int8": save_onnx(exported, scratch / "cnn_int8.onnx")}
+        rewritten, rewrites = rewrite_for_int8(exported, QDQ_EXACT_REWRITES)  # trained int8 kept exactly
+        files = {"onnx_int8": save_onnx(rewritten, scratch / "cnn_int8.onnx")}
+        notes.append("int8: the QAT graph with its trained scales, rewritten for the int8 kernels ("
+                     + ", ".join(f"{name} x{count}" for name, count in rewrites.applied.items() if count) + ")")
     else:
         norm_nodes = nodes_inside(exported, FreqNorm)  # found before save strips the names; always float
         files = {"onnx_fp32": save_onnx(exported, scratch / "cnn_fp32.onnx")}

@@ -20,6 +20,11 @@ that made it slow:
   ``x * scale + (offset - shift * scale)``, so the shifted copy is only read by the statistics
   and never has to be quantized.
 
+The same rewrites run on a QDQ graph (a PT2E QAT export, whose weights are DequantizeLinear of
+int8 codes and whose activations pass trained Q/DQ pairs): they move the int8 codes as they
+would move float weights, keep every trained scale, and give each new conv a DequantizeLinear
+input and a trained QuantizeLinear output so it fuses into a QLinearConv (docs/export-latency.md §13).
+
 The rewrites tag the nodes they create or match (``.asc_<role>`` in the node name) so that
 :func:`node_groups` can tell the pieces apart after ``quant_pre_process``. A
 :class:`PrecisionPlan` names the groups that stay float; :func:`plan_precision` times candidate
@@ -62,6 +67,22 @@ from asc.onnx_graph import (
 
 REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "freq_mean_conv", "norm_affine_on_input")
 """All int8-friendly rewrites, in the order they are applied."""
+
+QDQ_EXACT_REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "norm_affine_on_input")
+"""The rewrites that keep a QAT graph's int8 computation exactly: what ``asc export`` applies to it.
+
+``freq_mean_conv`` is left out on QDQ graphs: its int8 conv averages the shortcut quantizer's
+codes, which clip where the float mean did not, and on a QAT-trained c = 40 it lowered top-1
+agreement with the QAT model from 97.7 to 96.7 % (docs/export-latency.md §13)."""
+
+REQUANTIZED_BAND_CONVS = "requantized_band_convs"
+"""Opt-in refinement of ``subspectral_bands`` for QDQ (QAT) graphs, not in :data:`REWRITES`.
+
+A QAT graph quantizes the depthwise conv's output before the sub-spectral norm, so the exact
+rewrite can only fold the norm into a float per-band affine. With this option each band becomes
+an int8 conv instead (the conv's codes, the band's scale folded into the weight scales), which
+drops that trained quantizer: not exact, the norm output moves by about one of its uint8 steps
+(docs/export-latency.md §13)."""
 
 GROUPS: tuple[str, ...] = ("prefix", "norm_stats", "norm_output", "stem", "band_conv", "freq_mean", "depthwise",
                            "pointwise", "dense", "add", "activation", "pool", "other")
@@ -175,8 +196,10 @@ class RewriteReport:
         return sorted(set(out))
 
 
-def _subspectral_bands(g: _Graph, report: RewriteReport) -> int:
+def _subspectral_bands(g: _Graph, report: RewriteReport, *, requantize: bool = False) -> int:
     count = 0
+    if requantize:
+        report.applied[REQUANTIZED_BAND_CONVS] = 0
     for bn in list(g.graph.node):
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
             continue
@@ -202,11 +225,14 @@ def _subspectral_bands(g: _Graph, report: RewriteReport) -> int:
         bands = stacked // channels
         scale, shift = scale.reshape(channels, bands), shift.reshape(channels, bands)
         nodes = _band_convs(g, x, scale, shift, second.output[0], _name(bn)) \
+            or (_quantized_band_convs(g, x, scale, shift, second.output[0], _name(bn)) if requantize else []) \
             or _band_affine(g, x, scale, shift, band_rows, second.output[0], _name(bn))
-        conv = g.producer.get(x)
-        if conv is not None and nodes[0].op_type == "Slice":  # the band convs replace the conv itself
-            g.replace(conv, nodes)
+        if nodes[0].op_type == "Slice":  # the band convs replace the conv (and a QAT graph's Q/DQ after it)
+            if requantize and g.producer[x].op_type == "DequantizeLinear":
+                report.applied[REQUANTIZED_BAND_CONVS] += 1
+            g.replace(g.producer[x], nodes)
             g.drop(first)
+            conv = _requantized_conv(g, x) or g.producer[x]
             report.renamed[_name(conv)] = [node.name for node in nodes if node.op_type == "Conv"]
         else:
             g.replace(first, nodes)
@@ -215,6 +241,81 @@ def _subspectral_bands(g: _Graph, report: RewriteReport) -> int:
         report.renamed[_name(bn)] = [node.name for node in nodes]
         count += 1
     return count
+
+
+def _band_geometry(freq: int, bands: int, kernel: int, pad_top: int, band: int) -> tuple[int, int, int, int]:
+    """Rows ``[start, end)`` one band's conv reads (its rows plus the kernel's halo from the
+    neighbouring bands) and the zero padding it still needs at the top and bottom of the input."""
+    rows = freq // bands
+    first, last = band * rows - pad_top, (band + 1) * rows - 1 - pad_top + kernel - 1
+    return max(0, first), min(freq - 1, last) + 1, max(0, -first), max(0, last - (freq - 1))
+
+
+def _requantized_conv(g: _Graph, x: str) -> onnx.NodeProto | None:
+    """The conv whose output ``x`` is after a Q/DQ pair that nothing else reads (a QAT graph's conv output)."""
+    dq = _dequantized_activation(g, x)
+    q = None if dq is None else g.producer.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or len(g.users(q.output[0])) != 1:
+        return None
+    conv = g.producer.get(q.input[0])
+    return conv if conv is not None and conv.op_type == "Conv" and len(g.users(conv.output[0])) == 1 else None
+
+
+def _quantized_band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, output: str,
+                          name: str) -> list[onnx.NodeProto]:
+    """The band convs of a QAT graph: the depthwise conv's int8 codes with the band's scale folded
+    into the per-channel weight scale, reading slices of the input's codes, quantized with the
+    norm output's trained quantizer.
+
+    The conv output's own trained quantizer is dropped (the norm now acts before any rounding),
+    so the norm output moves by up to about one of its steps; the band's scale and shift are
+    folded exactly in real arithmetic (a negative scale flips the symmetric codes' sign).
+    """
+    conv, out_quantizer = _requantized_conv(g, x), _trained_quantizer(g, output)
+    channels, bands = scale.shape
+    if conv is None or out_quantizer is None or node_attribute(conv, "group", 1) != channels:
+        return []
+    weight, source = _int8_weight(g, conv.input[1]), _dequantized_activation(g, conv.input[0])
+    in_shape = g.shape(conv.input[0])
+    strides, dilations = node_attribute(conv, "strides", [1, 1]), node_attribute(conv, "dilations", [1, 1])
+    pads = node_attribute(conv, "pads", [0, 0, 0, 0])
+    if (weight is None or source is None or weight.values.ndim != 4 or weight.values.shape[:2] != (channels, 1)
+            or weight.zero.shape != (channels,) or weight.zero.any() or (weight.values == -128).any()
+            or not in_shape or in_shape[2] is None or strides[0] != 1 or dilations[0] != 1 or not scale.all()
+            or node_attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+        return []
+    freq, kernel = in_shape[2], weight.values.shape[2]
+    bias = g.constants.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels)
+    if freq + pads[0] + pads[2] - kernel + 1 != freq or freq % bands or bias is None:
+        return []
+    weight_scale = np.asarray(g.constants[weight.scale], np.float64)
+    codes, (in_scale, in_zero) = source.input[0], source.input[1:3]
+    out_scale, out_zero = out_quantizer.input[1:3]
+    axis = g.add_initializer(_tagged(name, "band_axis"), np.array([2], np.int64))
+    nodes, outs = [], []
+    for band in range(bands):
+        start, end, top, bottom = _band_geometry(freq, bands, kernel, pads[0], band)
+        tag = _tagged(name, f"band{band}")
+        sign = np.sign(scale[:, band]).reshape(-1, 1, 1, 1)
+        w_codes = g.add_initializer(tag + "_w_int8", (weight.values * sign).astype(np.int8))
+        w_scale = g.add_initializer(tag + "_w_scale", (weight_scale * np.abs(scale[:, band])).astype(np.float32))
+        b = g.add_initializer(tag + "_b", (bias * scale[:, band] + shift[:, band]).astype(np.float32))
+        nodes += [
+            helper.make_node("Slice", [codes, g.add_initializer(tag + "_start", np.array([start], np.int64)),
+                                       g.add_initializer(tag + "_end", np.array([end], np.int64)), axis],
+                             [tag + "_in_q"], name=tag + "_slice"),
+            helper.make_node("DequantizeLinear", [tag + "_in_q", in_scale, in_zero], [tag + "_in"], name=tag + "_in_dq"),
+            helper.make_node("DequantizeLinear", [w_codes, w_scale, weight.zero_point], [tag + "_w"],
+                             name=tag + "_w_dq", axis=0),
+            helper.make_node("Conv", [tag + "_in", tag + "_w", b], [tag + "_y"], name=tag + "_conv", group=channels,
+                             kernel_shape=list(weight.values.shape[2:]), pads=[top, pads[1], bottom, pads[3]],
+                             strides=strides, dilations=dilations),
+            helper.make_node("QuantizeLinear", [tag + "_y", out_scale, out_zero], [tag + "_q"], name=tag + "_q"),
+            helper.make_node("DequantizeLinear", [tag + "_q", out_scale, out_zero], [tag + "_out"], name=tag + "_dq"),
+        ]
+        outs.append(tag + "_out")
+    nodes.append(helper.make_node("Concat", outs, [output], name=_tagged(name, "band_concat"), axis=2))
+    return nodes
 
 
 def _band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, output: str,
@@ -242,16 +343,13 @@ def _band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, output:
     bias = g.constants.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels)
     if bias is None:
         return []
-    rows = freq // bands
     axis = g.add_initializer(_tagged(name, "band_axis"), np.array([2], np.int64))
     nodes, outs = [], []
     for band in range(bands):
-        lo, hi = band * rows, (band + 1) * rows
-        first, last = lo - pads[0], hi - 1 - pads[0] + kernel - 1
-        top, bottom = max(0, -first), max(0, last - (freq - 1))
+        first, last, top, bottom = _band_geometry(freq, bands, kernel, pads[0], band)
         tag = _tagged(name, f"band{band}")
-        start = g.add_initializer(tag + "_start", np.array([max(0, first)], np.int64))
-        end = g.add_initializer(tag + "_end", np.array([min(freq - 1, last) + 1], np.int64))
+        start = g.add_initializer(tag + "_start", np.array([first], np.int64))
+        end = g.add_initializer(tag + "_end", np.array([last], np.int64))
         w = g.add_initializer(tag + "_w", (weight * scale[:, band].reshape(-1, 1, 1, 1)).astype(np.float32))
         b = g.add_initializer(tag + "_b", (bias * scale[:, band] + shift[:, band]).astype(np.float32))
         nodes.append(helper.make_node("Slice", [conv.input[0], start, end, axis], [tag + "_in"], name=tag + "_slice"))
@@ -281,14 +379,16 @@ def _stem_space_to_depth(g: _Graph, report: RewriteReport) -> int:
     for conv in list(g.graph.node):
         if conv.op_type != "Conv":
             continue
-        weight = g.constants.get(conv.input[1])
+        float_weight = g.constants.get(conv.input[1])
+        quantized = None if float_weight is not None else _int8_weight(g, conv.input[1])
+        kernel = float_weight if quantized is None else quantized.values
         x_shape, y_shape = g.shape(conv.input[0]), g.shape(conv.output[0])
-        if (weight is None or weight.ndim != 4 or weight.shape[1] != 1 or node_attribute(conv, "group", 1) != 1
+        if (kernel is None or kernel.ndim != 4 or kernel.shape[1] != 1 or node_attribute(conv, "group", 1) != 1
                 or node_attribute(conv, "strides") != [2, 2] or node_attribute(conv, "dilations", [1, 1]) != [1, 1]
                 or node_attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
                 or not x_shape or not y_shape or None in x_shape[1:] or None in y_shape[1:]):
             continue
-        out_channels, _, kh, kw = weight.shape
+        kh, kw = kernel.shape[2:]
         pads = node_attribute(conv, "pads", [0, 0, 0, 0])
         (height, width), (out_h, out_w) = x_shape[2:], y_shape[2:]
         kh2, kw2 = -(-kh // 2), -(-kw // 2)
@@ -296,23 +396,69 @@ def _stem_space_to_depth(g: _Graph, report: RewriteReport) -> int:
         right = 2 * (out_w - 1 + kw2) - width - pads[1]
         if bottom < 0 or right < 0:
             continue
-        padded = np.zeros((out_channels, 1, 2 * kh2, 2 * kw2), np.float32)
-        padded[:, :, :kh, :kw] = weight
-        # SpaceToDepth (DCR) puts input pixel (2i + a, 2j + b) in channel 2a + b at (i, j).
-        folded = padded.reshape(out_channels, kh2, 2, kw2, 2).transpose(0, 2, 4, 1, 3)
-        folded = folded.reshape(out_channels, 4, kh2, kw2)
         tag = _tagged(_name(conv), "stem")
+        if quantized is None:
+            weight_nodes, weight = [], g.add_initializer(tag + "_w", _space_to_depth_kernel(kernel.astype(np.float32)))
+        else:
+            weight_nodes, weight = _dequantized_weight(g, quantized, _space_to_depth_kernel(kernel, quantized.zero),
+                                                       tag + "_w")
         pad_values = g.add_initializer(tag + "_pads", np.array([0, 0, pads[0], pads[1], 0, 0, bottom, right], np.int64))
         nodes = [
-            helper.make_node("Pad", [conv.input[0], pad_values], [tag + "_padded"], name=tag + "_pad"),
-            helper.make_node("SpaceToDepth", [tag + "_padded"], [tag + "_s2d"], name=tag + "_s2d", blocksize=2),
-            helper.make_node("Conv", [tag + "_s2d", g.add_initializer(tag + "_w", folded), *conv.input[2:]],
-                             list(conv.output), name=tag + "_conv", kernel_shape=[kh2, kw2]),
+            *_space_to_depth_input(g, conv.input[0], pad_values, tag),
+            *weight_nodes,
+            helper.make_node("Conv", [tag + "_s2d", weight, *conv.input[2:]], list(conv.output), name=tag + "_conv",
+                             kernel_shape=[kh2, kw2]),
         ]
         g.replace(conv, nodes)
         report.renamed[_name(conv)] = [node.name for node in nodes]
         count += 1
     return count
+
+
+def _space_to_depth_kernel(kernel: np.ndarray, zero: np.ndarray | float = 0.0) -> np.ndarray:
+    """A stride-2 ``(O, 1, kh, kw)`` kernel as the stride-1 kernel on SpaceToDepth(2)'s four channels.
+
+    The kernel is first padded to even size with ``zero`` (per output channel: an int8 kernel's
+    zero point, so the padding dequantizes to exactly 0.0); its dtype is kept, so an int8 kernel
+    stays the same int8 codes, only moved.
+    """
+    out_channels, _, kh, kw = kernel.shape
+    kh2, kw2 = -(-kh // 2), -(-kw // 2)
+    padded = np.empty((out_channels, 1, 2 * kh2, 2 * kw2), kernel.dtype)
+    padded[...] = np.reshape(zero, (-1, 1, 1, 1))
+    padded[:, :, :kh, :kw] = kernel
+    # SpaceToDepth (DCR) puts input pixel (2i + a, 2j + b) in channel 2a + b at (i, j).
+    folded = padded.reshape(out_channels, kh2, 2, kw2, 2).transpose(0, 2, 4, 1, 3)
+    return np.ascontiguousarray(folded.reshape(out_channels, 4, kh2, kw2))
+
+
+def _space_to_depth_input(g: _Graph, x: str, pad_values: str, tag: str) -> list[onnx.NodeProto]:
+    """Pad + SpaceToDepth(2) of ``x``, ending in tensor ``tag + "_s2d"``.
+
+    When ``x`` is a quantized activation (a DequantizeLinear output, as in a QAT graph) both ops
+    run on its uint8 codes and a DequantizeLinear with the same trained scale and zero point
+    follows, so the new conv still reads a DequantizeLinear and fuses into a QLinearConv. That
+    is exact: padding the codes with the zero point is padding the values with 0.0, and
+    SpaceToDepth only moves codes.
+    """
+    dq = _dequantized_activation(g, x)
+    if dq is None:
+        return [helper.make_node("Pad", [x, pad_values], [tag + "_padded"], name=tag + "_pad"),
+                helper.make_node("SpaceToDepth", [tag + "_padded"], [tag + "_s2d"], name=tag + "_s2d", blocksize=2)]
+    codes, scale, zero_point = dq.input[:3]
+    fill = g.add_initializer(tag + "_pad_value", np.asarray(g.constants[zero_point]).reshape(()))
+    return [helper.make_node("Pad", [codes, pad_values, fill], [tag + "_padded_q"], name=tag + "_pad"),
+            helper.make_node("SpaceToDepth", [tag + "_padded_q"], [tag + "_s2d_q"], name=tag + "_s2d", blocksize=2),
+            helper.make_node("DequantizeLinear", [tag + "_s2d_q", scale, zero_point], [tag + "_s2d"],
+                             name=tag + "_s2d_dq")]
+
+
+MEAN_WEIGHT_CODE = 64
+"""int8 code of the mean conv's weights in a QDQ graph, with scale ``1 / (64 F)`` per channel.
+
+``64 * float32(1 / (64 F)) == float32(1 / F)`` exactly (the scale differs from ``1 / F`` by a
+power of two), so the dequantized weights are the float graph's weights; 64 is also the 7-bit
+weight range every x86 int8 kernel computes without int16 saturation (docs/export-latency.md §10)."""
 
 
 def _freq_mean_conv(g: _Graph, report: RewriteReport) -> int:
@@ -326,13 +472,112 @@ def _freq_mean_conv(g: _Graph, report: RewriteReport) -> int:
             continue
         channels, freq = shape[1], shape[2]
         tag = _tagged(_name(node), "fmean")
-        weight = g.add_initializer(tag + "_w", np.full((channels, 1, freq, 1), 1.0 / freq, np.float32))
-        new = helper.make_node("Conv", [node.input[0], weight], list(node.output), name=tag + "_conv",
-                               group=channels, kernel_shape=[freq, 1])
-        g.replace(node, [new])
-        report.renamed[_name(node)] = [new.name]
+        quantizer = _trained_quantizer(g, node.input[0])
+        if quantizer is not None and _only_quantized(g, node.output[0]):
+            nodes = _quantized_mean_conv(g, quantizer, channels, freq, tag)
+        else:
+            weight = g.add_initializer(tag + "_w", np.full((channels, 1, freq, 1), 1.0 / freq, np.float32))
+            nodes = [helper.make_node("Conv", [node.input[0], weight], [tag + "_out"], name=tag + "_conv",
+                                      group=channels, kernel_shape=[freq, 1])]
+        nodes[-1].output[0] = node.output[0]
+        g.replace(node, nodes)
+        report.renamed[_name(node)] = [new.name for new in nodes]
         count += 1
     return count
+
+
+def _quantized_mean_conv(g: _Graph, quantizer: onnx.NodeProto, channels: int, freq: int,
+                         tag: str) -> list[onnx.NodeProto]:
+    """The mean over frequency of a QDQ graph as DQ(input codes) -> conv with int8 weights.
+
+    The conv reads the codes of the trained quantizer that already quantizes the same tensor
+    (for the shortcut), dequantized with its scale and zero point, and its output goes to the
+    mean's own trained quantizer: with int8 weights :data:`MEAN_WEIGHT_CODE` it fuses into one
+    QLinearConv and no float island is left. Not exact: the mean now averages the quantized
+    values (each within half a step of the float ones), so the mean moves by at most half the
+    input quantizer's step (measured in tests/test_precision.py).
+    """
+    codes, scale, zero_point = quantizer.output[0], *quantizer.input[1:3]
+    weight_codes = g.add_initializer(tag + "_w_int8", np.full((channels, 1, freq, 1), MEAN_WEIGHT_CODE, np.int8))
+    weight_scale = g.add_initializer(tag + "_w_scale", np.full(channels, np.float32(1.0 / freq) / MEAN_WEIGHT_CODE,
+                                                               np.float32))
+    weight_zero = g.add_initializer(tag + "_w_zero_point", np.zeros(channels, np.int8))
+    return [helper.make_node("DequantizeLinear", [codes, scale, zero_point], [tag + "_in"], name=tag + "_in_dq"),
+            helper.make_node("DequantizeLinear", [weight_codes, weight_scale, weight_zero], [tag + "_w"],
+                             name=tag + "_w_dq", axis=0),
+            helper.make_node("Conv", [tag + "_in", tag + "_w"], [tag + "_out"], name=tag + "_conv", group=channels,
+                             kernel_shape=[freq, 1])]
+
+
+# ---------------------------------------------------------------------------------------------
+# QDQ graphs (PT2E QAT exports): int8 weights and trained activation quantizers
+
+
+@dataclass(frozen=True)
+class _Int8Weight:
+    """A weight held as ``DequantizeLinear(int8 codes, scale, zero point)``, as a QAT export holds it.
+
+    A rewrite moves the codes exactly as it would move the float weight and reuses the scale and
+    zero point tensors, so the trained quantization carries over bit for bit.
+    """
+
+    values: np.ndarray  #: int8 codes
+    scale: str
+    zero_point: str
+    zero: np.ndarray  #: the zero point's value: one per output channel, or one for the tensor
+    axis: int
+
+
+def _int8_weight(g: _Graph, name: str) -> _Int8Weight | None:
+    """``name``'s int8 form if it is a DequantizeLinear of int8 constants, per tensor or per output channel."""
+    dq = g.producer.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+        return None
+    values, scale, zero = (g.constants.get(part) for part in dq.input[:3])
+    if values is None or scale is None or zero is None or values.dtype != np.int8 or values.ndim < 1:
+        return None
+    axis = int(node_attribute(dq, "axis", 1))
+    per_channel = axis == 0 and scale.shape == zero.shape == (values.shape[0],)
+    if not per_channel and not scale.size == zero.size == 1:
+        return None
+    return _Int8Weight(values, dq.input[1], dq.input[2], np.asarray(zero), axis)
+
+
+def _dequantized_weight(g: _Graph, weight: _Int8Weight, codes: np.ndarray, name: str) -> tuple[list[onnx.NodeProto], str]:
+    """A DequantizeLinear of new int8 ``codes`` with ``weight``'s scale and zero point; the node and its output."""
+    stored = g.add_initializer(name + "_int8", codes.astype(np.int8))
+    return [helper.make_node("DequantizeLinear", [stored, weight.scale, weight.zero_point], [name], name=name + "_dq",
+                             axis=weight.axis)], name
+
+
+def _per_tensor_quantization(g: _Graph, node: onnx.NodeProto) -> bool:
+    """A Q or DQ node with constant one-value scale and 8-bit zero point: a trained activation quantizer."""
+    if len(node.input) < 3:
+        return False
+    scale, zero = g.constants.get(node.input[1]), g.constants.get(node.input[2])
+    return scale is not None and zero is not None and scale.size == zero.size == 1 and zero.dtype in (np.uint8, np.int8)
+
+
+def _dequantized_activation(g: _Graph, name: str) -> onnx.NodeProto | None:
+    """The DequantizeLinear producing ``name`` when ``name`` is a per-tensor quantized activation."""
+    dq = g.producer.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in g.constants:
+        return None
+    return dq if _per_tensor_quantization(g, dq) else None
+
+
+def _trained_quantizer(g: _Graph, name: str) -> onnx.NodeProto | None:
+    """A QuantizeLinear that already quantizes tensor ``name`` per tensor, if the graph has one."""
+    return next((node for node in g.consumers.get(name, [])
+                 if node.op_type == "QuantizeLinear" and node.input[0] == name and _per_tensor_quantization(g, node)),
+                None)
+
+
+def _only_quantized(g: _Graph, name: str) -> bool:
+    """Every reader of ``name`` is a QuantizeLinear, so a conv producing it fuses with its output quantizer."""
+    readers = g.users(name)
+    return bool(readers) and all(node.op_type == "QuantizeLinear" and _per_tensor_quantization(g, node)
+                                 for node in readers) and name not in {out.name for out in g.graph.output}
 
 
 def _per_bin(shape: list[int | None] | None) -> bool:
@@ -419,14 +664,21 @@ _REWRITE_FUNCTIONS = {
 
 def rewrite_for_int8(model: onnx.ModelProto, rewrites: Collection[str] = REWRITES
                      ) -> tuple[onnx.ModelProto, RewriteReport]:
-    """A copy of an fp32 graph with the chosen exact rewrites applied and its norms tagged.
+    """A copy of an fp32 or QDQ graph with the chosen rewrites applied and its norms tagged.
 
-    Frequency-wise norms are tagged even when ``norm_affine_on_input`` is not chosen, so a plan
-    can keep them float. The graph must have static feature sizes (only the batch may be dynamic).
+    On an fp32 graph every rewrite is exact. On a QDQ graph (a PT2E QAT export) the stem and
+    norm rewrites keep the trained int8 form exactly; ``freq_mean_conv`` makes the mean an int8
+    conv that reads its input's trained quantizer (bounded change, docs/export-latency.md §13);
+    :data:`REQUANTIZED_BAND_CONVS` opts into int8 band convs. Frequency-wise norms are tagged
+    even when ``norm_affine_on_input`` is not chosen, so a plan can keep them float. The graph
+    must have static feature sizes (only the batch may be dynamic).
     """
-    unknown = sorted(set(rewrites) - set(REWRITES))
+    valid = (*REWRITES, REQUANTIZED_BAND_CONVS)
+    unknown = sorted(set(rewrites) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown int8 rewrites {unknown}; valid: {', '.join(REWRITES)}")
+        raise ConfigError(f"unknown int8 rewrites {unknown}; valid: {', '.join(valid)}")
+    if REQUANTIZED_BAND_CONVS in rewrites and "subspectral_bands" not in rewrites:
+        raise ConfigError(f"{REQUANTIZED_BAND_CONVS} refines subspectral_bands; choose both")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     report = RewriteReport()
     for name in REWRITES:
@@ -434,7 +686,10 @@ def rewrite_for_int8(model: onnx.ModelProto, rewrites: Collection[str] = REWRITE
             continue
         if name in rewrites:
             g = _Graph(model)
-            report.applied[name] = _REWRITE_FUNCTIONS[name](g, report)
+            rewrite = _REWRITE_FUNCTIONS[name]
+            if name == "subspectral_bands":
+                rewrite = partial(_subspectral_bands, requantize=REQUANTIZED_BAND_CONVS in rewrites)
+            report.applied[name] = rewrite(g, report)
             g.commit()
     g = _Graph(model)
     found = _freq_norms(g, report, rewrite="norm_affine_on_input" in rewrites)

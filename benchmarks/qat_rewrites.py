@@ -1,0 +1,101 @@
+"""A trained QAT run's int8 graph as converted, with the exact rewrites, and with every rewrite, in one run.
+
+    python benchmarks/qat_rewrites.py RUN BASE [--clips 600] [--threads 1 2] [--repeats 200]
+
+``RUN`` is a compressed run whose finalized model is a PT2E QAT graph (``asc compress --method qat``,
+``pqk``, ``prune+qat`` …); ``BASE`` is a float run of the same architecture, whose ONNX fp32 graph
+is the latency reference. For each file the script prints its top-1 agreement with the QAT model
+in torch on ``--clips`` evaluation clips (onnxruntime's integer kernels, so the figure is only true
+of this CPU class), then times the files round-robin in one loop per thread count (batch 1):
+
+- the QAT graph as converted (what bundles shipped before the rewrites);
+- ``QDQ_EXACT_REWRITES``, what ``asc export`` applies to a QAT graph;
+- every rewrite (``REWRITES``: the mean over frequency as an int8 conv too, not exact on QDQ graphs).
+
+docs/export-latency.md §13 has the figures. The CPU line and the load average come first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asc.bench import cpu_line, interleaved, session_options
+from asc.export import (
+    open_run,
+    run_clipset,
+    sample_clips,
+    save_onnx,
+    split_dataset,
+    torch_to_onnx,
+)
+from asc.export.onnx import is_quantized_graph, ort_session
+from asc.export.precision import QDQ_EXACT_REWRITES, REWRITES, rewrite_for_int8
+
+BATCH = 50
+
+
+def _logits(predict, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([predict(x[i:i + BATCH]) for i in range(0, len(x), BATCH)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path, help="a compressed run with a QAT graph")
+    parser.add_argument("base", type=Path, help="a float run of the same architecture (the fp32 reference)")
+    parser.add_argument("--clips", type=int, default=600, help="evaluation clips for the agreement")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"cpu: {cpu_line()}; onnxruntime {ort.__version__}; load average {os.getloadavg()[0]:.2f} "
+          f"on {os.cpu_count()} cores")
+    run, base = open_run(args.run), open_run(args.base)
+    if not is_quantized_graph(run.model):
+        parser.error(f"{args.run}: its finalized model is not a QAT graph; compress it with --method qat (or pqk)")
+    clips = split_dataset(run, run_clipset(run, progress=False), run.config.data.eval_split, as_features=True,
+                          progress=False)
+    x = np.concatenate(list(sample_clips(clips, args.clips, split=run.config.data.eval_split).batches()))
+    example = torch.zeros(2, *x.shape[1:])
+    qat = torch_to_onnx(run.model, example, input_name="log_mel")
+    with tempfile.TemporaryDirectory(prefix="asc-qat-rewrites-") as tmp:
+        work = Path(tmp)
+        files = {"ONNX fp32 (base)": save_onnx(torch_to_onnx(base.model, example, input_name="log_mel"),
+                                               work / "fp32.onnx"),
+                 "QAT int8 as converted": save_onnx(qat, work / "qat.onnx"),
+                 "+ QDQ_EXACT_REWRITES (asc export)": save_onnx(rewrite_for_int8(qat, QDQ_EXACT_REWRITES)[0],
+                                                                work / "exact.onnx"),
+                 "+ every rewrite (REWRITES)": save_onnx(rewrite_for_int8(qat, REWRITES)[0], work / "all.onnx")}
+        with torch.no_grad():
+            reference = _logits(lambda batch: run.model(torch.from_numpy(batch)).numpy(), x).argmax(1)
+        print(f"\ntop-1 agreement with the QAT model in torch, {len(x)} '{run.config.data.eval_split}' clips:")
+        for name, path in list(files.items())[1:]:
+            session = ort_session(path)
+            agreement = (_logits(lambda batch, s=session: s.run(None, {"log_mel": batch})[0], x).argmax(1)
+                         == reference).mean()
+            print(f"  {name:<36} {agreement:.2%}")
+        feed = x[:1]
+        for threads in args.threads:
+            calls = {name: partial(ort.InferenceSession(str(path), session_options(threads),
+                                                        providers=["CPUExecutionProvider"]).run, None, {"log_mel": feed})
+                     for name, path in files.items()}
+            timings = interleaved(calls, repeats=args.repeats)
+            fp32 = timings["ONNX fp32 (base)"].median_ms
+            print(f"\n{threads} thread{'s' if threads > 1 else ''}, batch 1, median of {args.repeats} (one loop):")
+            for name, timing in timings.items():
+                print(f"  {name:<36} {timing.median_ms:7.3f} ms  {timing.median_ms / fp32:5.2f}x ONNX fp32")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
