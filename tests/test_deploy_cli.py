@@ -68,6 +68,24 @@ def test_export_then_bench_a_bundle(run: Path, tmp_path: Path, capsys):
 
 
 @pytest.mark.slow
+def test_export_precision_auto_records_its_decision(run: Path, tmp_path: Path, capsys):
+    bundle = tmp_path / "auto"
+    assert main(["export", str(run), "--out", str(bundle), "--precision", "auto", "--parity-clips", "24",
+                 "--calibration-clips", "8", "-q"]) == 0
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    decision = manifest["source"]["precision_decision"]
+    assert decision["requested"] == "auto" and decision["clips"] == 24
+    assert manifest["precision"] == decision["chosen"] == ("int8" if decision["int8_top1_agreement"] >= 0.99 else "fp32")
+    assert manifest["source"]["int8_search"] is not None  # the eval clips outside the parity sample were searched
+    err = capsys.readouterr().err
+    assert (f"asc export: {decision['reason']}" in err) == (decision["chosen"] == "fp32")
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--int8", "--precision", "fp32"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--int8 and --precision fp32 contradict" in error[0]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
 def test_evaluate_a_bundle_through_the_runtime_matches_its_export_parity(run: Path, tmp_path: Path, capsys):
     bundle = tmp_path / "bundle"
     assert main(["export", str(run), "--out", str(bundle), "--parity-clips", "100000", "-q"]) == 0

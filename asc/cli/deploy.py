@@ -23,8 +23,10 @@ from asc.errors import AscError
 def _export(args: argparse.Namespace) -> int:
     from asc.export import run_export_command
 
-    run_export_command(args.run, args.out, int8=args.int8, frontend=args.frontend, force=args.force,
-                       checkpoint=args.checkpoint, calibration_clips=args.calibration_clips,
+    if args.int8 and args.precision not in (None, "int8"):
+        raise AscError(f"--int8 and --precision {args.precision} contradict each other; give one of them")
+    run_export_command(args.run, args.out, int8=args.int8, precision=args.precision, frontend=args.frontend,
+                       force=args.force, checkpoint=args.checkpoint, calibration_clips=args.calibration_clips,
                        parity_clips=args.parity_clips, progress=not args.quiet)
     return EXIT_OK
 
@@ -102,7 +104,11 @@ def register(sub: Subparsers) -> None:
         "parity.json. An int8 model whose top-1 agreement with fp32 is below 99 % is refused unless --force.")
     export.add_argument("run", type=Path, help="run folder (trained or compressed)")
     export.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced atomically)")
-    export.add_argument("--int8", action="store_true", help="int8 QDQ instead of fp32")
+    export.add_argument("--int8", action="store_true", help="int8 QDQ instead of fp32 (= --precision int8)")
+    export.add_argument("--precision", choices=("fp32", "int8", "auto"), default=None,
+                        help="fp32 (default), int8 (refused below the parity gate unless --force), or auto: int8 "
+                        "when it passes the gate on held-out clips, else fp32 with the reason in bundle.json "
+                        "(runs the int8 search first, docs/export-latency.md §14)")
     export.add_argument("--frontend", choices=("in-graph", "external"), default="external",
                         help="external (default; the app or asc.runtime computes log-mel, 3-4x faster than "
                         "onnxruntime's STFT, docs/export-latency.md) or in-graph (the model takes raw PCM)")
