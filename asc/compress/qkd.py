@@ -101,10 +101,6 @@ def across_ranks(value: Tensor, *, mean: bool) -> Tensor:
     return value / dist.get_world_size() if mean else value
 
 
-MIN_STEP = 1e-8
-"""The smallest step a quantizer keeps (an all-zero tensor still gets a usable grid)."""
-
-
 class LSQQuantizer(nn.Module):
     """A learned-step quantizer: per output channel (``channels``) or per tensor.
 
@@ -150,19 +146,12 @@ class LSQQuantizer(nn.Module):
             step = (flat.amax(dim=1) / qp).reshape(self.step.shape)
         else:
             step = 2 * across_ranks(x.abs().mean(), mean=True) / math.sqrt(qp)
-        self.step.copy_(step.clamp_min(MIN_STEP))
+        self.step.copy_(step.clamp_min(1e-8))
         self.initialized.fill_(True)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._ready = None  # read the restored buffers again
-
-    @torch.no_grad()
-    def keep_positive(self) -> None:
-        """Hold the step above :data:`MIN_STEP`: a step the optimizer pushed to zero or below would
-        divide by zero, or flip an unsigned grid onto the negative half and zero the layer."""
-        if bool(self.initialized):
-            self.step.clamp_(min=MIN_STEP)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._ready is None:  # the buffers are read once, not every step (a device sync on GPUs)
@@ -365,11 +354,6 @@ class QKD(Method):
             losses["teacher_ce"] = self.options.teacher_weight * task_loss(teacher, trainer.batch)
             losses["teacher_kd"] = self.options.teacher_weight * kd_loss(teacher, student, t)
         return losses
-
-    def after_step(self, trainer: Trainer) -> None:
-        for module in trainer.model.modules():
-            if isinstance(module, LSQQuantizer):
-                module.keep_positive()
 
     def finalize(self, model: nn.Module) -> nn.Module:
         finalized = fold_weights(model, keep_input_quant=True).eval()
