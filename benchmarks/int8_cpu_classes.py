@@ -317,14 +317,21 @@ def from_bundle(bundle: Path, folder: Path, clips: int) -> np.ndarray:
     """The bundle's deployed files, and its run's fp32 CNN and eval log-mels as the reference; return labels.
 
     The bundle's ``model.onnx`` becomes ``int8_bundle.onnx`` (``fp32_bundle.onnx`` if fp32) and its
-    ``model.ort`` ``<same>_ort.ort``: exactly the files an app runs.
+    ``model.ort`` ``<same>_ort.ort``: exactly the files an app runs. For a QAT run the fp32 CNN is
+    its float twin (the QAT-trained float weights), since its finalized model is an int8 graph.
     """
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
     from asc.bundle_manifest import BundleManifest
     from asc.export.bundle import open_run, run_clipset, sample_clips, split_dataset
-    from asc.export.onnx import FEATURE_INPUT, save_onnx, torch_to_onnx
+    from asc.export.onnx import (
+        FEATURE_INPUT,
+        is_quantized_graph,
+        save_onnx,
+        torch_to_onnx,
+    )
+    from asc.train.evaluate import load_run_model
 
     manifest = BundleManifest.read(bundle)
     if manifest.frontend_in_graph:
@@ -334,7 +341,9 @@ def from_bundle(bundle: Path, folder: Path, clips: int) -> np.ndarray:
     clipset = run_clipset(run, progress=False)
     frames = run.features.num_frames(run.clip_samples)
     example = torch.zeros(2, 1, run.features.n_mels, frames)
-    save_onnx(torch_to_onnx(run.model.eval(), example, input_name=FEATURE_INPUT), folder / "fp32.onnx")
+    reference = load_run_model(run.run_dir, "last", trainable=True)[0] if is_quantized_graph(run.model) else run.model
+    reference.eval()  # not chained: an exported graph's eval() returns None
+    save_onnx(torch_to_onnx(reference, example, input_name=FEATURE_INPUT), folder / "fp32.onnx")
     stem = f"{manifest.precision}_bundle"
     shutil.copyfile(bundle / manifest.model_file, folder / f"{stem}.onnx")
     if manifest.ort_file:

@@ -321,6 +321,14 @@ def _trained_quantizers(model: onnx.ModelProto) -> Counter[tuple[float, int]]:
                    for n in model.graph.node if n.op_type == "QuantizeLinear")
 
 
+def _input_quantizer(model: onnx.ModelProto) -> tuple[float, int]:
+    """(scale, zero point) of the stem's input: the DequantizeLinear in front of the first conv."""
+    values = graph_constants(model.graph)
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    node = next(n for n in model.graph.node if stem.input[0] in n.output)
+    return float(values[node.input[1]]), int(values[node.input[2]])
+
+
 def _with_outputs(model: onnx.ModelProto, outputs: dict[str, int], path: Path) -> Path:
     """``model`` with intermediate tensors (name -> ONNX element type) as extra graph outputs, saved."""
     probe = onnx.ModelProto.FromString(model.SerializeToString())
@@ -350,10 +358,11 @@ def test_rewrites_keep_a_qat_graph_exact(qat_exported: Path, tmp_path: Path) -> 
     onnx.checker.check_model(rewritten, full_check=True)
     ops = Counter(n.op_type for n in rewritten.graph.node)
     assert ops["BatchNormalization"] == 0 and ops["SpaceToDepth"] == 1
-    assert _trained_quantizers(rewritten) == _trained_quantizers(original)  # every trained quantizer kept
+    # every trained quantizer kept; the stem's input quantizer is applied once more after SpaceToDepth
+    assert _trained_quantizers(rewritten) == _trained_quantizers(original) + Counter([_input_quantizer(original)])
 
-    # the stem reads the SpaceToDepth of the *quantized* input through a DequantizeLinear with the
-    # input quantizer's trained scale; its weight is the same int8 codes, moved, with the same scales
+    # the stem reads the SpaceToDepth of the dequantized input, quantized again with the input
+    # quantizer's trained scale; its weight is the same int8 codes, moved, with the same scales
     values, producer = graph_constants(rewritten.graph), {o: n for n in rewritten.graph.node for o in n.output}
     before = {o: n for n in original.graph.node for o in n.output}
     stem, old_stem = (next(n for n in g.node if n.op_type == "Conv") for g in (rewritten.graph, original.graph))
@@ -363,8 +372,11 @@ def test_rewrites_keep_a_qat_graph_exact(qat_exported: Path, tmp_path: Path) -> 
     assert codes.dtype == np.int8 and codes.shape == (old_codes.shape[0], 4, 3, 3)
     assert weight.input[1:] == old_weight.input[1:]  # per-channel scales and zero points unchanged
     assert sorted(codes.ravel().tolist()) == sorted(old_codes.ravel().tolist() + [0] * (codes.size - old_codes.size))
-    s2d = producer[producer[stem.input[0]].input[0]]
-    assert s2d.op_type == "SpaceToDepth" and producer[stem.input[0]].input[1:] == before[old_stem.input[0]].input[1:]
+    requantize = producer[producer[stem.input[0]].input[0]]  # the same grid again after the float SpaceToDepth
+    s2d = producer[requantize.input[0]]
+    assert requantize.op_type == "QuantizeLinear" and s2d.op_type == "SpaceToDepth"
+    assert requantize.input[1:] == producer[stem.input[0]].input[1:] == before[old_stem.input[0]].input[1:]
+    assert producer[s2d.input[0]].op_type == "Pad" and producer[s2d.input[0]].input[0] == old_stem.input[0]
 
     # Integer kernels: the same u8*s8 products summed in int32 (7-bit weights: no int16 saturation on
     # any x86 class) and requantized with the same per-channel scales, so the stem's codes are equal.
@@ -400,7 +412,8 @@ def test_qat_mean_convs_are_int8_and_bounded(qat_exported: Path, tmp_path: Path)
     assert report.applied == {"subspectral_bands": N_BLOCKS, "stem_space_to_depth": 1, "freq_mean_conv": N_BLOCKS,
                               "norm_affine_on_input": N_NORMS}
     onnx.checker.check_model(rewritten, full_check=True)
-    assert _trained_quantizers(rewritten) == _trained_quantizers(original)  # no new scales, none dropped
+    # no new scales, none dropped (the stem's input quantizer is applied once more after SpaceToDepth)
+    assert _trained_quantizers(rewritten) == _trained_quantizers(original) + Counter([_input_quantizer(original)])
     path = save_onnx(rewritten, tmp_path / "rewritten.onnx")
     census = fusion_census(path)
     convs = sum(n.op_type == "Conv" for n in rewritten.graph.node)

@@ -435,20 +435,23 @@ def _space_to_depth_kernel(kernel: np.ndarray, zero: np.ndarray | float = 0.0) -
 def _space_to_depth_input(g: _Graph, x: str, pad_values: str, tag: str) -> list[onnx.NodeProto]:
     """Pad + SpaceToDepth(2) of ``x``, ending in tensor ``tag + "_s2d"``.
 
-    When ``x`` is a quantized activation (a DequantizeLinear output, as in a QAT graph) both ops
-    run on its uint8 codes and a DequantizeLinear with the same trained scale and zero point
-    follows, so the new conv still reads a DequantizeLinear and fuses into a QLinearConv. That
-    is exact: padding the codes with the zero point is padding the values with 0.0, and
-    SpaceToDepth only moves codes.
+    When ``x`` is a quantized activation (a DequantizeLinear output, as in a QAT graph) a
+    QuantizeLinear → DequantizeLinear pair with the same trained scale and zero point follows, so
+    the new conv still reads a DequantizeLinear and fuses into a QLinearConv. That is exact: the
+    padded zeros quantize to the zero point, SpaceToDepth only moves values, and every value was
+    already on that grid. Pad and SpaceToDepth stay on the float tensor: onnxruntime 1.27 (the
+    newest that runs under the ARM64 emulation, docs/export-latency.md §11) has no uint8 SpaceToDepth.
     """
+    nodes = [helper.make_node("Pad", [x, pad_values], [tag + "_padded"], name=tag + "_pad"),
+             helper.make_node("SpaceToDepth", [tag + "_padded"], [tag + "_s2d_float"], name=tag + "_s2d", blocksize=2)]
     dq = _dequantized_activation(g, x)
     if dq is None:
-        return [helper.make_node("Pad", [x, pad_values], [tag + "_padded"], name=tag + "_pad"),
-                helper.make_node("SpaceToDepth", [tag + "_padded"], [tag + "_s2d"], name=tag + "_s2d", blocksize=2)]
-    codes, scale, zero_point = dq.input[:3]
-    fill = g.add_initializer(tag + "_pad_value", np.asarray(g.constants[zero_point]).reshape(()))
-    return [helper.make_node("Pad", [codes, pad_values, fill], [tag + "_padded_q"], name=tag + "_pad"),
-            helper.make_node("SpaceToDepth", [tag + "_padded_q"], [tag + "_s2d_q"], name=tag + "_s2d", blocksize=2),
+        nodes[-1].output[0] = tag + "_s2d"
+        return nodes
+    scale, zero_point = dq.input[1:3]
+    return [*nodes,
+            helper.make_node("QuantizeLinear", [tag + "_s2d_float", scale, zero_point], [tag + "_s2d_q"],
+                             name=tag + "_s2d_q"),
             helper.make_node("DequantizeLinear", [tag + "_s2d_q", scale, zero_point], [tag + "_s2d"],
                              name=tag + "_s2d_dq")]
 
