@@ -11,8 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asc.compress.kd import (Distillation, ModelTeacher, OnlinePeers, PrecomputedTeacher, SelfTeacher, kd_loss,
-                             precompute_teacher_logits, teacher_cache_name)
+from asc.compress.kd import (
+    Distillation,
+    ModelTeacher,
+    OnlinePeers,
+    PrecomputedTeacher,
+    SelfTeacher,
+    kd_loss,
+    precompute_teacher_logits,
+    teacher_cache_name,
+)
 from asc.compress.qkd import load_teacher
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
