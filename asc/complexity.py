@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 from asc.errors import AscError, ConfigError
 from asc.features import FeatureConfig
 from asc.models import SubSpectralNorm, keras_param_count
-from asc.onnx_graph import graph_constants, tensor_consumers
+from asc.onnx_graph import graph_constants, tensor_consumers, tensor_producers
 from asc.run_files import trainable_checkpoint
 
 WeightBytes = int | Mapping[str, int] | None
@@ -553,8 +553,7 @@ def _infer_shapes(model: onnx.ModelProto, path: Path, input_shape: tuple[int, ..
 
 
 def _graph_tables(model: onnx.ModelProto) -> _Graph:
-    producers = {output: node for node in model.graph.node for output in node.output}
-    return _Graph(graph_constants(model.graph), producers, tensor_consumers(model.graph))
+    return _Graph(graph_constants(model.graph), tensor_producers(model.graph), tensor_consumers(model.graph))
 
 
 def onnx_complexity(path: Path, input_shape: tuple[int, ...] | None = None, *,

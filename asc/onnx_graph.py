@@ -34,6 +34,11 @@ def graph_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
+def tensor_producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """The node writing each tensor, by tensor name (graph inputs and initializers have none)."""
+    return {output: node for node in graph.node for output in node.output}
+
+
 def tensor_consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """The nodes reading each tensor, in graph order, by tensor name."""
     consumers: dict[str, list[onnx.NodeProto]] = {}

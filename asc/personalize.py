@@ -49,7 +49,7 @@ from asc.bundle_manifest import (
 )
 from asc.classify import Failure, find_audio_files
 from asc.errors import AscError
-from asc.onnx_graph import prune_dead_nodes, tensor_consumers
+from asc.onnx_graph import prune_dead_nodes, tensor_consumers, tensor_producers
 from asc.runtime import (
     bundle_frontend,
     model_bytes,
@@ -117,7 +117,7 @@ class _Index:
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
         self.nodes = {node.name: node for node in graph.node}
-        self.producer = {output: node for node in graph.node for output in node.output}
+        self.producer = tensor_producers(graph)
         self.consumers = tensor_consumers(graph)
         self.constants = {init.name: init for init in graph.initializer}
         self.outputs = {output.name for output in graph.output}

@@ -63,6 +63,7 @@ from asc.onnx_graph import (
     node_attribute,
     prune_dead_nodes,
     tensor_consumers,
+    tensor_producers,
 )
 
 REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "freq_mean_conv", "norm_affine_on_input")
@@ -108,7 +109,7 @@ class _Graph:
         self.graph = model.graph
         self.shapes = _static_shapes(model)
         self.constants = graph_constants(self.graph)
-        self.producer = {out: node for node in self.graph.node for out in node.output}
+        self.producer = tensor_producers(self.graph)
         self.consumers = tensor_consumers(self.graph)
         self._replacements: dict[int, list[onnx.NodeProto]] = {}
         self._dropped: set[int] = set()
@@ -716,7 +717,7 @@ def node_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
     """
     graph = model.graph
     constants = graph_constants(graph)
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = tensor_producers(graph)
     prefix: set[str] = set()
     first_conv = next((node for node in graph.node if node.op_type == "Conv"), None)
     if first_conv is not None:
@@ -858,7 +859,7 @@ def share_concat_ranges(model: onnx.ModelProto, *, tag: str = f"{_TAG}band") -> 
     """
     graph = model.graph
     constants = {init.name: init for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = tensor_producers(graph)
     consumers = tensor_consumers(graph)
     shared = 0
     for concat in graph.node:

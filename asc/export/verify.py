@@ -29,6 +29,7 @@ from tqdm import tqdm
 from asc.data.loader import ArraySource
 from asc.errors import AscError
 from asc.export.onnx import ort_session
+from asc.onnx_graph import tensor_producers
 from asc.train.metrics import Metrics, compute_metrics
 
 DEFAULT_MIN_AGREEMENT = 0.99
@@ -166,7 +167,7 @@ class FusionCensus:
 def fusion_census(path: str | Path) -> FusionCensus:
     """Which ops ORT actually runs: a conv that did not become ``QLinearConv`` runs in float."""
     graph = onnx.load(str(path)).graph
-    producers = {output: node.op_type for node in graph.node for output in node.output}
+    producers = {output: node.op_type for output, node in tensor_producers(graph).items()}
     convs = [node for node in graph.node if node.op_type == "Conv"]
     quantized = sum(producers.get(node.input[1]) == "DequantizeLinear" for node in convs)
     with tempfile.TemporaryDirectory(prefix="asc-census-") as tmp:
