@@ -286,9 +286,10 @@ def compress(source: Path, run: Path, methods: Sequence[str], overrides: Sequenc
 def export_bundle(run_dir: Path, out_dir: Path, *, progress: bool) -> None:
     """A bundle of a run at the precision it was trained for: int8 for a QAT graph, else fp32.
 
-    int8 bundles are written even below the parity gate (marked forced, numbers in parity.json), so
-    the recipe always ends with every deployable model; post-training int8 of a float run is not
-    tried, since it misses that gate on x86 (docs/export-latency.md).
+    A QAT graph passes the parity gate (its biases sit on the kernels' int32 grid,
+    docs/export-latency.md §15); should one miss it on some CPU, it is still written, marked forced
+    with the numbers in parity.json, so the recipe always ends with every deployable model.
+    Post-training int8 of a float run is not tried, since it misses that gate on x86 (§14).
     """
     from asc.export import export_trained, format_summary, is_quantized_graph, open_run
 

@@ -106,9 +106,10 @@ def register(sub: Subparsers) -> None:
     export.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced atomically)")
     export.add_argument("--int8", action="store_true", help="int8 QDQ instead of fp32 (= --precision int8)")
     export.add_argument("--precision", choices=("fp32", "int8", "auto"), default=None,
-                        help="fp32 (default), int8 (refused below the parity gate unless --force), or auto: int8 "
-                        "when it passes the gate on held-out clips, else fp32 with the reason in bundle.json "
-                        "(runs the int8 search first, docs/export-latency.md §14)")
+                        help="fp32, int8 (refused below the parity gate unless --force), or auto: int8 when it "
+                        "passes the gate on held-out clips, else fp32 with the reason in bundle.json (runs the "
+                        "int8 search first, docs/export-latency.md §14); default: what the model was trained "
+                        "for, int8 for a QAT-compressed run (pqk, qat, ...), fp32 otherwise")
     export.add_argument("--frontend", choices=("in-graph", "external"), default="external",
                         help="external (default; the app or asc.runtime computes log-mel, 3-4x faster than "
                         "onnxruntime's STFT, docs/export-latency.md) or in-graph (the model takes raw PCM)")

@@ -509,11 +509,14 @@ def run_export_command(run_dir: str | Path, out_dir: str | Path, *, int8: bool =
     """``asc export``: write the bundle and print its summary (errors propagate as AscError).
 
     The precision is ``precision`` when given (``auto``: int8 when it passes the gate, else fp32),
-    else int8 with ``int8`` (``--int8``: int8 or refused at the gate), else fp32.
+    else int8 with ``int8`` (``--int8``: int8 or refused at the gate), else the precision the model
+    was trained for: int8 for a QAT graph (which passes the gate since its biases sit on the
+    kernels' grid, docs/export-latency.md §15), fp32 for a float run.
     """
-    precision = precision or ("int8" if int8 else "fp32")
-    manifest = export_run(run_dir, out_dir, checkpoint=checkpoint, precision=precision,
-                          frontend=frontend, force=force, calibration_clips=calibration_clips,
-                          parity_clips=parity_clips, search_clips=search_clips, progress=progress)
+    run = open_run(run_dir, checkpoint)
+    precision = precision or ("int8" if int8 or is_quantized_graph(run.model) else "fp32")
+    manifest = export_trained(run, out_dir, precision=precision, frontend=frontend, force=force,
+                              calibration_clips=calibration_clips, parity_clips=parity_clips,
+                              search_clips=search_clips, progress=progress)
     print(format_summary(out_dir, manifest))
     return manifest
