@@ -218,24 +218,12 @@ def step_table(fp32: Path, calibration: list[np.ndarray], feed: np.ndarray, work
 
 
 def qat_export(model: torch.nn.Module, shape: tuple[int, int], calibration: list[np.ndarray], path: Path) -> Path:
-    """``model`` through the project's QAT path (:class:`asc.compress.quant.Int8QAT`), exported as int8 QDQ.
-
-    Ranges are observed on ``calibration`` with BN statistics frozen and the weights are not
-    trained: latency depends on the graph, not on the weights' values.
-    """
-    from asc.compress.quant import Int8QAT
+    """``model`` through the project's QAT path, ranges observed on ``calibration``, exported as int8 QDQ."""
+    from asc.compress.quant import observed_int8_graph
     from asc.export.onnx import export_onnx
 
-    hook = Int8QAT((1, *shape))
-    qat = hook.wrap_model(model)
-    qat.train()
-    qat.freeze(bn=True, observers=False)
-    with torch.no_grad():
-        for batch in calibration:
-            qat(torch.from_numpy(batch))
-    qat.eval()
-    return export_onnx(hook.finalize(qat), torch.from_numpy(np.concatenate(calibration[:2])), path,
-                       input_name="log_mel")
+    return export_onnx(observed_int8_graph(model, (1, *shape), calibration),
+                       torch.from_numpy(np.concatenate(calibration[:2])), path, input_name="log_mel")
 
 
 QAT_STEPS: dict[str, tuple[str, ...]] = {

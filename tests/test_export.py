@@ -304,18 +304,11 @@ def test_parity_gate_refuses_a_bad_int8_model_and_force_writes_it(trained, fp32_
 
 @pytest.mark.slow
 def test_a_qat_graph_ships_its_trained_int8_rewritten_for_the_kernels(trained, tmp_path: Path):
-    from asc.compress.quant import Int8QAT, int8_conv_weights
+    from asc.compress.quant import int8_conv_weights, observed_int8_graph
 
     run = trained.run
-    hook = Int8QAT((1, 32, 63))
-    qat = hook.wrap_model(copy.deepcopy(run.model))
-    qat.train()
-    qat.freeze(bn=True, observers=False)  # observe ranges without moving BN statistics
-    with torch.no_grad():
-        for batch in sample_clips(trained.train_mels, 32, split="train").batches():
-            qat(torch.from_numpy(batch))
-    qat.eval()
-    graph = hook.finalize(qat)
+    graph = observed_int8_graph(copy.deepcopy(run.model), (1, 32, 63),
+                                sample_clips(trained.train_mels, 32, split="train").batches())
     qat_run = dataclasses.replace(run, model=graph)
     with pytest.raises(AscError, match="--int8"):
         export_trained(qat_run, tmp_path / "fp32", precision="fp32", progress=False)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -473,3 +473,20 @@ class Int8QAT(TrainHook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._model().freeze(bn=bool(state["bn_frozen"]), observers=bool(state["observers_frozen"]))
 
+
+def observed_int8_graph(model: nn.Module, input_shape: tuple[int, int, int], batches: Iterable[Any]) -> GraphModule:
+    """The graph a QAT run would deploy for ``model``, with ranges observed on ``batches`` and no training.
+
+    BN statistics and weights stay as they are (``model`` shares them with the wrapper, so pass a
+    copy to keep it usable). Latency studies and export tests need the deployed QAT structure
+    without paying for quantization-aware training; the weights' values do not change the graph.
+    """
+    hook = Int8QAT(input_shape)
+    qat = hook.wrap_model(model)
+    qat.train()
+    qat.freeze(bn=True, observers=False)  # observe ranges without moving BN statistics
+    with torch.no_grad():
+        for batch in batches:
+            qat(torch.as_tensor(batch))
+    qat.eval()
+    return hook.finalize(qat)
