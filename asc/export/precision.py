@@ -35,7 +35,7 @@ meets the bar. The rewrites pay off only in int8: the fp32 bundle keeps the plai
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -273,77 +273,63 @@ def _quantized_band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarra
     folded exactly in real arithmetic (a negative scale flips the symmetric codes' sign).
     """
     conv, out_quantizer = _requantized_conv(g, x), _trained_quantizer(g, output)
-    channels, bands = scale.shape
-    if conv is None or out_quantizer is None or node_attribute(conv, "group", 1) != channels:
+    if conv is None or out_quantizer is None:
         return []
     weight, source = _int8_weight(g, conv.input[1]), _dequantized_activation(g, conv.input[0])
-    in_shape = g.shape(conv.input[0])
-    strides, dilations = node_attribute(conv, "strides", [1, 1]), node_attribute(conv, "dilations", [1, 1])
-    pads = node_attribute(conv, "pads", [0, 0, 0, 0])
-    if (weight is None or source is None or weight.values.ndim != 4 or weight.values.shape[:2] != (channels, 1)
-            or weight.zero.shape != (channels,) or weight.zero.any() or (weight.values == -128).any()
-            or not in_shape or in_shape[2] is None or strides[0] != 1 or dilations[0] != 1 or not scale.all()
-            or node_attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
-        return []
-    freq, kernel = in_shape[2], weight.values.shape[2]
-    bias = g.constants.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels)
-    if freq + pads[0] + pads[2] - kernel + 1 != freq or freq % bands or bias is None:
+    if (weight is None or source is None or weight.zero.shape != (scale.shape[0],) or weight.zero.any()
+            or (weight.values == -128).any() or not scale.all()):
         return []
     weight_scale = np.asarray(g.constants[weight.scale], np.float64)
-    codes, (in_scale, in_zero) = source.input[0], source.input[1:3]
-    out_scale, out_zero = out_quantizer.input[1:3]
-    axis = g.add_initializer(_tagged(name, "band_axis"), np.array([2], np.int64))
-    nodes, outs = [], []
-    for band in range(bands):
-        start, end, top, bottom = _band_geometry(freq, bands, kernel, pads[0], band)
-        tag = _tagged(name, f"band{band}")
-        sign = np.sign(scale[:, band]).reshape(-1, 1, 1, 1)
+
+    def band_weight(tag: str, band_scale: np.ndarray) -> tuple[list[onnx.NodeProto], str]:
+        sign = np.sign(band_scale).reshape(-1, 1, 1, 1)
         w_codes = g.add_initializer(tag + "_w_int8", (weight.values * sign).astype(np.int8))
-        w_scale = g.add_initializer(tag + "_w_scale", (weight_scale * np.abs(scale[:, band])).astype(np.float32))
-        b = g.add_initializer(tag + "_b", (bias * scale[:, band] + shift[:, band]).astype(np.float32))
-        nodes += [
-            helper.make_node("Slice", [codes, g.add_initializer(tag + "_start", np.array([start], np.int64)),
-                                       g.add_initializer(tag + "_end", np.array([end], np.int64)), axis],
-                             [tag + "_in_q"], name=tag + "_slice"),
-            helper.make_node("DequantizeLinear", [tag + "_in_q", in_scale, in_zero], [tag + "_in"], name=tag + "_in_dq"),
-            helper.make_node("DequantizeLinear", [w_codes, w_scale, weight.zero_point], [tag + "_w"],
-                             name=tag + "_w_dq", axis=0),
-            helper.make_node("Conv", [tag + "_in", tag + "_w", b], [tag + "_y"], name=tag + "_conv", group=channels,
-                             kernel_shape=list(weight.values.shape[2:]), pads=[top, pads[1], bottom, pads[3]],
-                             strides=strides, dilations=dilations),
-            helper.make_node("QuantizeLinear", [tag + "_y", out_scale, out_zero], [tag + "_q"], name=tag + "_q"),
-            helper.make_node("DequantizeLinear", [tag + "_q", out_scale, out_zero], [tag + "_out"], name=tag + "_dq"),
-        ]
-        outs.append(tag + "_out")
-    nodes.append(helper.make_node("Concat", outs, [output], name=_tagged(name, "band_concat"), axis=2))
-    return nodes
+        w_scale = g.add_initializer(tag + "_w_scale", (weight_scale * np.abs(band_scale)).astype(np.float32))
+        return [helper.make_node("DequantizeLinear", [w_codes, w_scale, weight.zero_point], [tag + "_w"],
+                                 name=tag + "_w_dq", axis=0)], tag + "_w"
+
+    return _band_conv_nodes(g, conv, weight.values, scale, shift, output, name, band_weight, (source, out_quantizer))
 
 
 def _band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, output: str,
                 name: str) -> list[onnx.NodeProto]:
-    """One depthwise conv per band, the band's affine folded into its weights and bias.
+    """One depthwise conv per band, the band's affine folded into its weights and bias."""
+    conv = g.producer.get(x)
+    weight = g.constants.get(conv.input[1]) if conv is not None and conv.op_type == "Conv" else None
+    if weight is None or len(g.users(x)) != 1:
+        return []
+
+    def band_weight(tag: str, band_scale: np.ndarray) -> tuple[list[onnx.NodeProto], str]:
+        return [], g.add_initializer(tag + "_w", (weight * band_scale.reshape(-1, 1, 1, 1)).astype(np.float32))
+
+    return _band_conv_nodes(g, conv, weight, scale, shift, output, name, band_weight)
+
+
+def _band_conv_nodes(g: _Graph, conv: onnx.NodeProto, weight: np.ndarray, scale: np.ndarray, shift: np.ndarray,
+                     output: str, name: str, band_weight: Callable[[str, np.ndarray], tuple[list[onnx.NodeProto], str]],
+                     quantizers: tuple[onnx.NodeProto, onnx.NodeProto] | None = None) -> list[onnx.NodeProto]:
+    """Both band-conv rewrites: Slice -> Conv per band and a Concat for the depthwise ``conv`` (``weight``: float
+    or int8 codes) and the band affine after it, or [] where its geometry does not allow that.
 
     Each band reads its rows plus the conv's halo rows from the neighbouring bands, so the
-    concatenated result equals conv-then-norm exactly.
+    concatenated result equals conv-then-norm exactly. ``band_weight`` makes a band's weight
+    (nodes, name). ``quantizers`` (a QDQ graph's input DequantizeLinear and norm output
+    QuantizeLinear) make the bands slice int8 codes and share the norm output's range, so the
+    Concat only copies bytes.
     """
-    conv = g.producer.get(x)
     channels, bands = scale.shape
-    if conv is None or conv.op_type != "Conv" or len(g.users(x)) != 1 or node_attribute(conv, "group", 1) != channels:
-        return []
-    weight = g.constants.get(conv.input[1])
     in_shape = g.shape(conv.input[0])
     strides, dilations = node_attribute(conv, "strides", [1, 1]), node_attribute(conv, "dilations", [1, 1])
     pads = node_attribute(conv, "pads", [0, 0, 0, 0])
-    if (weight is None or weight.ndim != 4 or weight.shape[:2] != (channels, 1) or not in_shape
-            or in_shape[2] is None or strides[0] != 1 or dilations[0] != 1 or node_attribute(conv, "auto_pad", b"NOTSET")
-            not in (b"NOTSET", "NOTSET")):
+    if (node_attribute(conv, "group", 1) != channels or weight.ndim != 4 or weight.shape[:2] != (channels, 1)
+            or not in_shape or in_shape[2] is None or strides[0] != 1 or dilations[0] != 1
+            or node_attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
         return []
     freq, kernel = in_shape[2], weight.shape[2]
-    if freq + pads[0] + pads[2] - kernel + 1 != freq or freq % bands:
-        return []
     bias = g.constants.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels)
-    if bias is None:
+    if freq + pads[0] + pads[2] - kernel + 1 != freq or freq % bands or bias is None:
         return []
+    source = quantizers[0].input[0] if quantizers else conv.input[0]
     axis = g.add_initializer(_tagged(name, "band_axis"), np.array([2], np.int64))
     nodes, outs = [], []
     for band in range(bands):
@@ -351,12 +337,22 @@ def _band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, output:
         tag = _tagged(name, f"band{band}")
         start = g.add_initializer(tag + "_start", np.array([first_row], np.int64))
         end = g.add_initializer(tag + "_end", np.array([end_row], np.int64))
-        w = g.add_initializer(tag + "_w", (weight * scale[:, band].reshape(-1, 1, 1, 1)).astype(np.float32))
+        rows, y = (tag + "_in_q", tag + "_y") if quantizers else (tag + "_in", tag + "_out")
+        nodes.append(helper.make_node("Slice", [source, start, end, axis], [rows], name=tag + "_slice"))
+        if quantizers:
+            nodes.append(helper.make_node("DequantizeLinear", [rows, *quantizers[0].input[1:3]], [tag + "_in"],
+                                          name=tag + "_in_dq"))
+        weight_nodes, w = band_weight(tag, scale[:, band])
         b = g.add_initializer(tag + "_b", (bias * scale[:, band] + shift[:, band]).astype(np.float32))
-        nodes.append(helper.make_node("Slice", [conv.input[0], start, end, axis], [tag + "_in"], name=tag + "_slice"))
-        nodes.append(helper.make_node("Conv", [tag + "_in", w, b], [tag + "_out"], name=tag + "_conv", group=channels,
+        nodes += weight_nodes
+        nodes.append(helper.make_node("Conv", [tag + "_in", w, b], [y], name=tag + "_conv", group=channels,
                                       kernel_shape=list(weight.shape[2:]), pads=[top, pads[1], bottom, pads[3]],
                                       strides=strides, dilations=dilations))
+        if quantizers:
+            out_scale, out_zero = quantizers[1].input[1:3]
+            nodes += [helper.make_node("QuantizeLinear", [y, out_scale, out_zero], [tag + "_q"], name=tag + "_q"),
+                      helper.make_node("DequantizeLinear", [tag + "_q", out_scale, out_zero], [tag + "_out"],
+                                       name=tag + "_dq")]
         outs.append(tag + "_out")
     nodes.append(helper.make_node("Concat", outs, [output], name=_tagged(name, "band_concat"), axis=2))
     return nodes
