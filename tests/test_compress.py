@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
 from source_run import train_source_run
 from torch.fx import GraphModule
 
+from asc.bench import cpu_line
 from asc.cli import main
 from asc.complexity import run_complexity
 from asc.compress.base import StageContext
@@ -207,6 +209,7 @@ def test_pqk_stage_writes_a_finalized_int8_run(trained_run: Path, capsys):
     metrics = manifest["metrics"]
     assert manifest["precision"] == "int8"
     assert metrics["top1_agreement"] >= 0.95 and metrics["max_abs_logit_diff"] < 0.05
+    assert metrics["verified_on"] == f"{cpu_line()}; onnxruntime {onnxruntime.__version__}"  # whose kernels
 
 
 @pytest.mark.slow

@@ -26,10 +26,12 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+import onnxruntime
 import torch
 from torch import nn
 
 import asc
+from asc.bench import cpu_line
 from asc.bundle_manifest import (
     MANIFEST_NAME,
     PARITY_NAME,
@@ -446,6 +448,7 @@ def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityRep
             "top1_agreement": gated.top1_agreement, "agreement_with": gated.reference,
             "max_abs_logit_diff": gated.max_abs_diff, "parity_gate_passed": report.gate.passed,
             "forced": report.gate.forced and not report.gate.passed,
+            "verified_on": f"{cpu_line()}; onnxruntime {onnxruntime.__version__}",  # int8 kernels differ by CPU
             "convs": report.census.convs, "qlinear_convs": report.census.qlinear_convs,
             "frontend_max_abs_diff": report.frontend_max_abs_diff,
             "bytes": sizes,
@@ -486,6 +489,7 @@ def format_summary(bundle_dir: str | Path, manifest: BundleManifest) -> str:
         f"  parity on {m['clips']} '{m['split']}' clips: top-1 agreement with {m['agreement_with']} "
         f"{m['top1_agreement']:.2%}, max |dlogit| {m['max_abs_logit_diff']:.3g}"
         + (" (FORCED past the gate)" if m["forced"] else ""),
+        *([f"  measured on: {m['verified_on']}"] if "verified_on" in m else []),
         f"  accuracy: {m['accuracy']['accuracy']:.1%} (torch {m['reference_accuracy']['accuracy']:.1%})"
         + (f"; {groups}" if groups else ""),
     ]
