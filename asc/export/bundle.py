@@ -352,8 +352,9 @@ def _method_grid(run: TrainedRun) -> QuantGrid | None:
 
 
 def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, grid: QuantGrid | None, in_graph: bool,
-                 int8: PrecisionPlan, clipset: ClipSet, calibration_clips: int, search: ClipSample | None, calibrations: tuple[str, ...],
-                 min_agreement: float, notes: list[str], progress: bool) -> _ModelFiles:
+                 int8: PrecisionPlan, clipset: ClipSet, calibration_clips: int, search: ClipSample | None,
+                 calibrations: tuple[str, ...], min_agreement: float, notes: list[str],
+                 progress: bool) -> _ModelFiles:
     """The ONNX files to check, by name, built in ``scratch``.
 
     One path for every case: the CNN on log-mels is exported (a QAT graph is already int8),
