@@ -313,12 +313,17 @@ def from_run(run_dir: Path, folder: Path, clips: int, calibration_clips: int) ->
     return np.asarray(held_out.targets)
 
 
+GATE_REFERENCE = "gate_reference.npy"
+"""Logits of a QAT run's torch graph on the inputs: the export gate's reference for its bundle."""
+
+
 def from_bundle(bundle: Path, folder: Path, clips: int) -> np.ndarray:
     """The bundle's deployed files, and its run's fp32 CNN and eval log-mels as the reference; return labels.
 
     The bundle's ``model.onnx`` becomes ``int8_bundle.onnx`` (``fp32_bundle.onnx`` if fp32) and its
     ``model.ort`` ``<same>_ort.ort``: exactly the files an app runs. For a QAT run the fp32 CNN is
-    its float twin (the QAT-trained float weights), since its finalized model is an int8 graph.
+    its float twin (the QAT-trained float weights), since its finalized model is an int8 graph;
+    the graph's own logits, the reference the export gate used, go to :data:`GATE_REFERENCE`.
     """
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
@@ -351,7 +356,12 @@ def from_bundle(bundle: Path, folder: Path, clips: int) -> np.ndarray:
     held_out = sample_clips(split_dataset(run, clipset, run.config.data.eval_split, as_features=True, progress=False),
                             clips, split=run.config.data.eval_split)
     np.save(folder / "inputs.npy", np.concatenate(list(held_out.batches())))
+    if is_quantized_graph(run.model):  # what `asc export` gates a QAT bundle against, computed here once
+        with torch.no_grad():
+            np.save(folder / GATE_REFERENCE,
+                    np.concatenate([run.model(torch.from_numpy(batch)).numpy() for batch in held_out.batches()]))
     return np.asarray(held_out.targets)
+
 
 
 PROBES = ("stem", "pointwise", "depthwise", "dense", "add", "mul", "maxpool", "mean", "concat")
@@ -452,25 +462,32 @@ class Row:
     max_diff: float
     accuracy: float | None
     meaning_diff: float | None  #: max |Δlogit| against the file's Q/DQ meaning (int8 files)
+    gate_agreement: float | None  #: top-1 agreement with the export gate's reference, when not fp32 (QAT)
 
 
 def compare(folder: Path, tags: list[str], labels: np.ndarray | None) -> list[Row]:
-    """Per CPU class and file: top-1 agreement and max |Δlogit| against fp32 *on that CPU*."""
+    """Per CPU class and file: top-1 agreement and max |Δlogit| against fp32 *on that CPU*.
+
+    A QAT bundle's gate compares it with its run's torch graph, not with the float twin that is
+    the fp32 file here, so that agreement gets its own column (:data:`GATE_REFERENCE`).
+    """
     meanings = {name[:-len(MEANING)]: values for name, values in np.load(folder / "logits_native.npz").items()
                 if name.endswith(MEANING)}
+    gate = np.load(folder / GATE_REFERENCE).argmax(1) if (folder / GATE_REFERENCE).is_file() else None
     rows = []
     for tag in tags:
         logits = {name: values for name, values in np.load(folder / f"logits_{tag}.npz").items()
                   if not name.endswith(MEANING) and not name.startswith("probe_")}
         reference = logits.pop("fp32")
         if labels is not None:
-            rows.append(Row(tag, "fp32", 1.0, 0.0, float((reference.argmax(1) == labels).mean()), None))
+            rows.append(Row(tag, "fp32", 1.0, 0.0, float((reference.argmax(1) == labels).mean()), None, None))
         for name, values in logits.items():
             meaning = meanings.get(name.removesuffix("_ort"))
             rows.append(Row(tag, name, float((values.argmax(1) == reference.argmax(1)).mean()),
                             float(np.abs(values - reference).max()),
                             None if labels is None else float((values.argmax(1) == labels).mean()),
-                            None if meaning is None else float(np.abs(values - meaning).max())))
+                            None if meaning is None else float(np.abs(values - meaning).max()),
+                            None if gate is None else float((values.argmax(1) == gate).mean())))
     return rows
 
 
@@ -545,12 +562,16 @@ def main() -> None:
         for path in sorted(folder.glob("int8*.onnx")):
             print(f"{path.stem}: {operands(path)}")
         rows = compare(folder, list(seen), labels)
+        gated = any(row.gate_agreement is not None for row in rows)
         print(f"\n{'cpu':>16} {'model':<16} {'top-1 vs fp32':>13} {'max |Δlogit|':>12} {'vs Q/DQ meaning':>15}" +
-              ("" if labels is None else f" {'accuracy':>9}"))
+              ("" if labels is None else f" {'accuracy':>9}")
+              + (f" {'top-1 vs torch graph (gate)':>27}" if gated else ""))
         for row in rows:
             meaning = "" if row.meaning_diff is None else f"{row.meaning_diff:.4f}"
-            print(f"{row.cpu:>16} {row.model:<16} {row.agreement:>13.1%} {row.max_diff:>12.4f} {meaning:>15}" +
-                  ("" if row.accuracy is None else f" {row.accuracy:>9.1%}"))
+            accuracy = "" if row.accuracy is None else f" {row.accuracy:>9.1%}"
+            gate = "" if not gated else f" {'' if row.gate_agreement is None else f'{row.gate_agreement:.1%}':>27}"
+            print(f"{row.cpu:>16} {row.model:<16} {row.agreement:>13.1%} {row.max_diff:>12.4f} {meaning:>15}"
+                  + accuracy + gate)
         native = {n: v for n, v in np.load(folder / "logits_native.npz").items() if not n.startswith("probe_")}
         for tag in list(seen)[1:]:
             other = dict(np.load(folder / f"logits_{tag}.npz"))
