@@ -363,7 +363,6 @@ def from_bundle(bundle: Path, folder: Path, clips: int) -> np.ndarray:
     return np.asarray(held_out.targets)
 
 
-
 PROBES = ("stem", "pointwise", "depthwise", "dense", "add", "mul", "maxpool", "mean", "concat")
 """One-op int8 graphs after a dense stem conv: which int8 kernels compute differently on a CPU class."""
 

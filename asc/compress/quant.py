@@ -364,18 +364,13 @@ def snap_conv_biases(converted: GraphModule) -> int:
                 and isinstance(weight, Node) and weight.target == _DEQUANTIZE_PER_CHANNEL
                 and isinstance(bias, Node) and bias.op == "get_attr"):
             continue
-        values = _attribute(converted, str(bias.target))
-        weight_scales = _attribute(converted, str(weight.args[1].target)).float()
+        values = converted.get_parameter(str(bias.target))
+        weight_scales = converted.get_buffer(str(weight.args[1].target)).float()
         step = torch.tensor(activation.args[1], dtype=torch.float32) * weight_scales
         with torch.no_grad():
             values.copy_(torch.round(values.float() / step) * step)
         snapped += 1
     return snapped
-
-
-def _attribute(graph: GraphModule, target: str) -> Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(graph.get_submodule(owner) if owner else graph, name)
 
 
 def _drop_unused_attributes(graph: GraphModule) -> None:
