@@ -46,7 +46,6 @@ from asc.compress.prune import prune_channels  # noqa: E402
 from asc.export.onnx import export_frontend, ort_session, save_onnx, torch_to_onnx  # noqa: E402
 from asc.export.precision import (  # noqa: E402
     NAIVE_PLAN,
-    REQUANTIZED_BAND_CONVS,
     REWRITES,
     PrecisionPlan,
     plan_precision,
@@ -227,13 +226,11 @@ def qat_export(model: torch.nn.Module, shape: tuple[int, int], calibration: list
 
 
 QAT_STEPS: dict[str, tuple[str, ...]] = {
-    "QAT int8 + sub-spectral, norm affine": ("subspectral_bands", "norm_affine_on_input"),
-    "  + stem space-to-depth (exact)": ("subspectral_bands", "stem_space_to_depth", "norm_affine_on_input"),
-    "  + freq mean as int8 conv": REWRITES,
-    "  + int8 band convs (opt-in)": (*REWRITES, REQUANTIZED_BAND_CONVS),
+    "QAT int8 + int8 band convs, norm affine": ("subspectral_bands", "norm_affine_on_input"),
+    "  + stem space-to-depth": ("subspectral_bands", "stem_space_to_depth", "norm_affine_on_input"),
+    "  + freq mean as int8 conv (all, asc export)": REWRITES,
 }
-"""Cumulative rewrites of a QAT graph: the first two are exact, the mean conv reads quantized values,
-the band convs drop the conv output's trained quantizer (docs/export-latency.md §13)."""
+"""Cumulative rewrites of a QAT graph, each exact in real arithmetic (docs/export-latency.md §16)."""
 
 
 def qat_table(width: int, shape: tuple[int, int], calibration: list[np.ndarray], feed: np.ndarray, work: Path,

@@ -1,4 +1,4 @@
-"""A trained QAT run's int8 graph as converted, with the exact rewrites, and with every rewrite, in one run.
+"""A trained QAT run's int8 graph as converted and as ``asc export`` ships it, against fp32 and planned PTQ, in one run.
 
     python benchmarks/qat_rewrites.py RUN BASE [--clips 600] [--threads 1 2] [--repeats 200]
 
@@ -8,11 +8,13 @@ is the latency reference. For each file the script prints its top-1 agreement wi
 in torch on ``--clips`` evaluation clips (onnxruntime's integer kernels, so the figure is only true
 of this CPU class), then times the files round-robin in one loop per thread count (batch 1):
 
-- the QAT graph as converted (what bundles shipped before the rewrites);
-- ``QDQ_EXACT_REWRITES``, what ``asc export`` applies to a QAT graph;
-- every rewrite (``REWRITES``: the mean over frequency as an int8 conv too, not exact on QDQ graphs).
+- the base's ONNX fp32 graph (the reference of every ratio);
+- the base quantized after training under the default :class:`PrecisionPlan` (calibrated on 64 of
+  its training clips), the post-training int8 a QAT export should be at least as fast as;
+- the QAT graph as converted;
+- the QAT graph with every int8-friendly rewrite, what ``asc export`` ships.
 
-docs/export-latency.md §13 has the figures. The CPU line and the load average come first.
+docs/export-latency.md §16 has the figures. The CPU line and the load average come first.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ from asc.export import (
     torch_to_onnx,
 )
 from asc.export.onnx import is_quantized_graph, ort_session
-from asc.export.precision import QDQ_EXACT_REWRITES, REWRITES, rewrite_for_int8
+from asc.export.precision import quantize_planned, rewrite_for_int8
 
 BATCH = 50
+CALIBRATION_CLIPS = 64
 
 
 def _logits(predict, x: np.ndarray) -> np.ndarray:
@@ -67,23 +70,31 @@ def main(argv: list[str] | None = None) -> int:
                           progress=False)
     x = np.concatenate(list(sample_clips(clips, args.clips, split=run.config.data.eval_split).batches()))
     example = torch.zeros(2, *x.shape[1:])
+    train = split_dataset(base, run_clipset(base, progress=False), base.config.data.train_split, as_features=True,
+                          progress=False)
+    calibration = list(sample_clips(train, CALIBRATION_CLIPS, split=base.config.data.train_split).batches())
     qat = torch_to_onnx(run.model, example, input_name="log_mel")
     with tempfile.TemporaryDirectory(prefix="asc-qat-rewrites-") as tmp:
         work = Path(tmp)
-        files = {"ONNX fp32 (base)": save_onnx(torch_to_onnx(base.model, example, input_name="log_mel"),
-                                               work / "fp32.onnx"),
+        fp32 = save_onnx(torch_to_onnx(base.model, example, input_name="log_mel"), work / "fp32.onnx")
+        files = {"ONNX fp32 (base)": fp32,
+                 "planned PTQ int8 (base)": quantize_planned(fp32, work / "ptq.onnx", calibration),
                  "QAT int8 as converted": save_onnx(qat, work / "qat.onnx"),
-                 "+ QDQ_EXACT_REWRITES (asc export)": save_onnx(rewrite_for_int8(qat, QDQ_EXACT_REWRITES)[0],
-                                                                work / "exact.onnx"),
-                 "+ every rewrite (REWRITES)": save_onnx(rewrite_for_int8(qat, REWRITES)[0], work / "all.onnx")}
+                 "QAT int8 rewritten (asc export)": save_onnx(rewrite_for_int8(qat)[0], work / "rewritten.onnx")}
         with torch.no_grad():
             reference = _logits(lambda batch: run.model(torch.from_numpy(batch)).numpy(), x).argmax(1)
         print(f"\ntop-1 agreement with the QAT model in torch, {len(x)} '{run.config.data.eval_split}' clips:")
-        for name, path in list(files.items())[1:]:
+        for name, path in list(files.items())[2:]:
             session = ort_session(path)
             agreement = (_logits(lambda batch, s=session: s.run(None, {"log_mel": batch})[0], x).argmax(1)
                          == reference).mean()
             print(f"  {name:<36} {agreement:.2%}")
+        session = ort_session(files["planned PTQ int8 (base)"])
+        with torch.no_grad():
+            base_reference = _logits(lambda batch: base.model(torch.from_numpy(batch)).numpy(), x).argmax(1)
+        agreement = (_logits(lambda batch: session.run(None, {"log_mel": batch})[0], x).argmax(1)
+                     == base_reference).mean()
+        print(f"  {'planned PTQ int8, with the base model':<36} {agreement:.2%}")
         feed = x[:1]
         for threads in args.threads:
             calls = {name: partial(ort.InferenceSession(str(path), session_options(threads),

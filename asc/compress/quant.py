@@ -55,12 +55,15 @@ _aten = torch.ops.aten
 _CONVS = (_aten.conv2d.default, _aten.conv2d.padding)
 _BATCH_NORMS = (_aten.batch_norm.default, _aten._native_batch_norm_legit.default, _aten.cudnn_batch_norm.default)
 _RELUS = (_aten.relu.default, _aten.relu_.default)
+_RESHAPES = (_aten.reshape.default, _aten.view.default)
 _DROPOUTS = (_aten.dropout.default, _aten.feature_dropout.default, _aten.alpha_dropout.default,
              _aten.feature_alpha_dropout.default)
 _BN_TRAINING_ARG = 5  # (input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
+_BN_EPS_ARG = 7
 _DROPOUT_TRAIN_ARG = 2  # (input, p, train)
 _DEQUANTIZE_PER_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
 _DEQUANTIZE_PER_TENSOR = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+_QUANTIZE_PER_TENSOR = torch.ops.quantized_decomposed.quantize_per_tensor.default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,13 +139,15 @@ class OrtInt8Quantizer(Quantizer):
 
     Each conv gets a quantized input, per-channel int8 weights and a quantized output, which is
     exactly the DQ -> Conv -> Q group ORT turns into ``QLinearConv``; adds become ``QLinearAdd``.
-    Everything else (means, SiLU, sub-spectral norm, pooling, nodes inside ``float_scopes``)
-    stays float between a DQ and a Q. Conv biases stay float; ORT quantizes them to int32 itself
-    when it fuses.
+    Everything else (means, SiLU, pooling, nodes inside ``float_scopes``) stays float between a
+    DQ and a Q. Conv biases stay float; ORT quantizes them to int32 itself when it fuses.
 
     The output is taken after a following BN, ReLU and dropout: BN folds, ReLU vanishes into the
     zero point, and dropout is gone at inference. Quantizing before the dropout as well would
-    leave two Q/DQ pairs in a row, which ORT merges into one rounding that torch never did.
+    leave two Q/DQ pairs in a row, which ORT merges into one rounding that torch never did. A
+    conv followed by a sub-spectral norm is quantized after the norm (the export makes the pair
+    int8 band convs), so every reader of the norm, the mean over frequency included, reads the
+    quantized values.
     """
 
     def __init__(self, float_scopes: Collection[str], activation: QuantizationSpec) -> None:
@@ -165,7 +170,7 @@ class OrtInt8Quantizer(Quantizer):
                 continue
             node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
             output = node
-            for followers in (_BATCH_NORMS, _RELUS, _DROPOUTS):
+            for followers in _subband_norm_chain(node) or (_BATCH_NORMS, _RELUS, _DROPOUTS):
                 users = list(output.users)
                 if len(users) == 1 and users[0].target in followers:
                     output = users[0]
@@ -175,6 +180,28 @@ class OrtInt8Quantizer(Quantizer):
 
     def validate(self, model: GraphModule) -> None:
         """Nothing to check beyond what :meth:`annotate` already guarantees."""
+
+
+_SUBBAND_NORM = (_RESHAPES, _BATCH_NORMS, _RESHAPES)
+"""A sub-spectral norm in an exported graph: (N, C, F, T) -> (N, C*S, F/S, T), BN, and back."""
+
+
+def _subband_norm_chain(conv: Node) -> tuple[tuple[Any, ...], ...]:
+    """:data:`_SUBBAND_NORM` if the conv's only reader is one, else ``()``.
+
+    Such a conv's output is quantized after the norm instead of before it. The export folds the
+    norm's per-band affine into int8 band convs (asc.export.precision), which compute the norm's
+    output from the integer accumulator directly; a quantizer between conv and norm would be a
+    rounding that graph cannot do, and one that a consumer such as the mean over frequency would
+    have read float.
+    """
+    node = conv
+    for kinds in _SUBBAND_NORM:
+        users = list(node.users)
+        if len(users) != 1 or users[0].target not in kinds:
+            return ()
+        node = users[0]
+    return _SUBBAND_NORM
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,20 +384,62 @@ def snap_conv_biases(converted: GraphModule) -> int:
     """
     snapped = 0
     for node in converted.graph.nodes:
-        if node.op != "call_function" or node.target not in _CONVS or len(node.args) < 3:
+        if node.op != "call_function" or node.target not in _CONVS:
             continue
-        activation, weight, bias = node.args[:3]
+        activation, weight = node.args[:2]
+        bias = node.args[2] if len(node.args) > 2 else None
         if not (isinstance(activation, Node) and activation.target == _DEQUANTIZE_PER_TENSOR
-                and isinstance(weight, Node) and weight.target == _DEQUANTIZE_PER_CHANNEL
-                and isinstance(bias, Node) and bias.op == "get_attr"):
+                and isinstance(weight, Node) and weight.target == _DEQUANTIZE_PER_CHANNEL):
             continue
-        values = converted.get_parameter(str(bias.target))
-        weight_scales = converted.get_buffer(str(weight.args[1].target)).float()
-        step = torch.tensor(activation.args[1], dtype=torch.float32) * weight_scales
+        step = torch.tensor(activation.args[1], dtype=torch.float32) * converted.get_buffer(str(weight.args[1].target))
+        bias_values = converted.get_parameter(str(bias.target)) if isinstance(bias, Node) and bias.op == "get_attr" \
+            else None
+        norm = _quantized_subband_norm(node)
         with torch.no_grad():
-            values.copy_(torch.round(values.float() / step) * step)
+            if norm is not None:
+                _snap_band_shifts(converted, norm, step.double(), bias_values)
+            elif bias_values is not None:
+                bias_values.copy_(torch.round(bias_values.float() / step) * step)
+            else:
+                continue
         snapped += 1
     return snapped
+
+
+def _quantized_subband_norm(conv: Node) -> Node | None:
+    """The batch norm of a sub-spectral norm between ``conv`` and a quantizer, if that is what follows."""
+    chain, node = [], conv
+    for kinds in (*_SUBBAND_NORM, (_QUANTIZE_PER_TENSOR,)):
+        users = list(node.users)
+        if len(users) != 1 or users[0].target not in kinds:
+            return None
+        node = users[0]
+        chain.append(node)
+    return chain[1]
+
+
+def _snap_band_shifts(converted: GraphModule, norm: Node, step: Tensor, conv_bias: Tensor | None) -> None:
+    """Put each band's folded bias on the grid of its int8 band conv by moving the norm's shift.
+
+    The export folds conv and norm into one depthwise conv per band, weights scaled by the band's
+    ``a = gamma / sqrt(var + eps)`` and bias ``a * conv_bias + beta - a * mean``, which the integer
+    kernel adds as a multiple of ``input scale * weight scale * |a|`` (asc.export.precision).
+    """
+    weight, beta, mean, var = (_graph_tensor(converted, arg) for arg in norm.args[1:5])
+    eps = float(norm.args[_BN_EPS_ARG])
+    channels = step.numel()
+    scale = weight.double() / torch.sqrt(var.double() + eps)
+    bias = torch.zeros(channels, dtype=torch.float64) if conv_bias is None else conv_bias.double()
+    folded = (scale * bias.repeat_interleave(scale.numel() // channels) + beta.double() - mean.double() * scale)
+    band_step = (step.repeat_interleave(scale.numel() // channels) * scale.abs()).clamp_min(torch.finfo(torch.float32).tiny)
+    beta.copy_(beta.double() + torch.round(folded / band_step) * band_step - folded)
+
+
+def _graph_tensor(graph: GraphModule, node: Any) -> Tensor:
+    name = str(node.target)
+    with contextlib.suppress(AttributeError):
+        return graph.get_parameter(name)
+    return graph.get_buffer(name)
 
 
 def _drop_unused_attributes(graph: GraphModule) -> None:

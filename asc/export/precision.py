@@ -23,7 +23,9 @@ that made it slow:
 The same rewrites run on a QDQ graph (a PT2E QAT export, whose weights are DequantizeLinear of
 int8 codes and whose activations pass trained Q/DQ pairs): they move the int8 codes as they
 would move float weights, keep every trained scale, and give each new conv a DequantizeLinear
-input and a trained QuantizeLinear output so it fuses into a QLinearConv (docs/export-latency.md §13).
+input and a trained QuantizeLinear output so it fuses into a QLinearConv (docs/export-latency.md
+§13, §16). QAT quantizes a sub-spectral norm's output, not the conv before it
+(asc.compress.quant), so the band convs and the mean conv compute what the trained graph does.
 
 The rewrites tag the nodes they create or match (``.asc_<role>`` in the node name) so that
 :func:`node_groups` can tell the pieces apart after ``quant_pre_process``. A
@@ -69,21 +71,6 @@ from asc.onnx_graph import (
 REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "freq_mean_conv", "norm_affine_on_input")
 """All int8-friendly rewrites, in the order they are applied."""
 
-QDQ_EXACT_REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "norm_affine_on_input")
-"""The rewrites that keep a QAT graph's int8 computation exactly: what ``asc export`` applies to it.
-
-``freq_mean_conv`` is left out on QDQ graphs: its int8 conv averages the shortcut quantizer's
-codes, which clip where the float mean did not, and on a QAT-trained c = 40 it lowered top-1
-agreement with the QAT model from 97.8 to 96.2 % of 600 clips (docs/export-latency.md §13)."""
-
-REQUANTIZED_BAND_CONVS = "requantized_band_convs"
-"""Opt-in refinement of ``subspectral_bands`` for QDQ (QAT) graphs, not in :data:`REWRITES`.
-
-A QAT graph quantizes the depthwise conv's output before the sub-spectral norm, so the exact
-rewrite can only fold the norm into a float per-band affine. With this option each band becomes
-an int8 conv instead (the conv's codes, the band's scale folded into the weight scales), which
-drops that trained quantizer: not exact, the norm output moves by about one of its uint8 steps
-(docs/export-latency.md §13)."""
 
 GROUPS: tuple[str, ...] = ("prefix", "norm_stats", "norm_output", "stem", "band_conv", "freq_mean", "depthwise",
                            "pointwise", "dense", "add", "activation", "pool", "other")
@@ -197,10 +184,8 @@ class RewriteReport:
         return sorted(set(out))
 
 
-def _subspectral_bands(g: _Graph, report: RewriteReport, *, requantize: bool = False) -> int:
+def _subspectral_bands(g: _Graph, report: RewriteReport) -> int:
     count = 0
-    if requantize:
-        report.applied[REQUANTIZED_BAND_CONVS] = 0
     for bn in list(g.graph.node):
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
             continue
@@ -226,14 +211,12 @@ def _subspectral_bands(g: _Graph, report: RewriteReport, *, requantize: bool = F
         bands = stacked // channels
         scale, shift = scale.reshape(channels, bands), shift.reshape(channels, bands)
         nodes = _band_convs(g, x, scale, shift, second.output[0], _name(bn)) \
-            or (_quantized_band_convs(g, x, scale, shift, second.output[0], _name(bn)) if requantize else []) \
+            or _quantized_band_convs(g, x, scale, shift, second.output[0], _name(bn)) \
             or _band_affine(g, x, scale, shift, band_rows, second.output[0], _name(bn))
-        if nodes[0].op_type == "Slice":  # the band convs replace the conv (and a QAT graph's Q/DQ after it)
-            if requantize and g.producer[x].op_type == "DequantizeLinear":
-                report.applied[REQUANTIZED_BAND_CONVS] += 1
-            g.replace(g.producer[x], nodes)
+        if nodes[0].op_type == "Slice":  # the band convs replace the conv
+            conv = g.producer[x]
+            g.replace(conv, nodes)
             g.drop(first)
-            conv = _requantized_conv(g, x) or g.producer[x]
             report.renamed[_name(conv)] = [node.name for node in nodes if node.op_type == "Conv"]
         else:
             g.replace(first, nodes)
@@ -252,28 +235,18 @@ def _band_geometry(freq: int, bands: int, kernel: int, pad_top: int, band: int) 
     return max(0, first), min(freq - 1, last) + 1, max(0, -first), max(0, last - (freq - 1))
 
 
-def _requantized_conv(g: _Graph, x: str) -> onnx.NodeProto | None:
-    """The conv whose output ``x`` is after a Q/DQ pair that nothing else reads (a QAT graph's conv output)."""
-    dq = _dequantized_activation(g, x)
-    q = None if dq is None else g.producer.get(dq.input[0])
-    if q is None or q.op_type != "QuantizeLinear" or len(g.users(q.output[0])) != 1:
-        return None
-    conv = g.producer.get(q.input[0])
-    return conv if conv is not None and conv.op_type == "Conv" and len(g.users(conv.output[0])) == 1 else None
-
-
 def _quantized_band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, output: str,
                           name: str) -> list[onnx.NodeProto]:
     """The band convs of a QAT graph: the depthwise conv's int8 codes with the band's scale folded
     into the per-channel weight scale, reading slices of the input's codes, quantized with the
     norm output's trained quantizer.
 
-    The conv output's own trained quantizer is dropped (the norm now acts before any rounding),
-    so the norm output moves by up to about one of its steps; the band's scale and shift are
-    folded exactly in real arithmetic (a negative scale flips the symmetric codes' sign).
+    Exact in real arithmetic (a negative scale flips the symmetric codes' sign): QAT put no
+    quantizer between the conv and the norm, and snapped the norm's shift so that each band's
+    folded bias lies on its int32 grid (asc.compress.quant.snap_conv_biases).
     """
-    conv, out_quantizer = _requantized_conv(g, x), _trained_quantizer(g, output)
-    if conv is None or out_quantizer is None:
+    conv, out_quantizer = g.producer.get(x), _trained_quantizer(g, output)
+    if conv is None or conv.op_type != "Conv" or len(g.users(x)) != 1 or out_quantizer is None:
         return []
     weight, source = _int8_weight(g, conv.input[1]), _dequantized_activation(g, conv.input[0])
     if (weight is None or source is None or weight.zero.shape != (scale.shape[0],) or weight.zero.any()
@@ -462,6 +435,7 @@ weight range every x86 int8 kernel computes without int16 saturation (docs/expor
 
 
 def _freq_mean_conv(g: _Graph, report: RewriteReport) -> int:
+    """Means over frequency as depthwise convs: int8 where a QAT graph quantized both sides, else float."""
     count = 0
     for node in list(g.graph.node):
         if node.op_type != "ReduceMean" or node_attribute(node, "keepdims", 1) != 1:
@@ -472,9 +446,8 @@ def _freq_mean_conv(g: _Graph, report: RewriteReport) -> int:
             continue
         channels, freq = shape[1], shape[2]
         tag = _tagged(_name(node), "fmean")
-        quantizer = _trained_quantizer(g, node.input[0])
-        if quantizer is not None and _only_quantized(g, node.output[0]):
-            nodes = _quantized_mean_conv(g, quantizer, channels, freq, tag)
+        if _dequantized_activation(g, node.input[0]) is not None and _only_quantized(g, node.output[0]):
+            nodes = _quantized_mean_conv(g, node.input[0], channels, freq, tag)
         else:
             weight = g.add_initializer(tag + "_w", np.full((channels, 1, freq, 1), 1.0 / freq, np.float32))
             nodes = [helper.make_node("Conv", [node.input[0], weight], [tag + "_out"], name=tag + "_conv",
@@ -486,26 +459,20 @@ def _freq_mean_conv(g: _Graph, report: RewriteReport) -> int:
     return count
 
 
-def _quantized_mean_conv(g: _Graph, quantizer: onnx.NodeProto, channels: int, freq: int,
-                         tag: str) -> list[onnx.NodeProto]:
-    """The mean over frequency of a QDQ graph as DQ(input codes) -> conv with int8 weights.
+def _quantized_mean_conv(g: _Graph, dequantized: str, channels: int, freq: int, tag: str) -> list[onnx.NodeProto]:
+    """The mean over frequency of a QDQ graph as a conv with int8 weights :data:`MEAN_WEIGHT_CODE`.
 
-    The conv reads the codes of the trained quantizer that already quantizes the same tensor
-    (for the shortcut), dequantized with its scale and zero point, and its output goes to the
-    mean's own trained quantizer: with int8 weights :data:`MEAN_WEIGHT_CODE` it fuses into one
-    QLinearConv and no float island is left. Not exact: the mean now averages the quantized
-    values (each within half a step of the float ones), so the mean moves by at most half the
-    input quantizer's step (measured in tests/test_precision.py).
+    Its input is already a DequantizeLinear and its output goes to a trained quantizer, so it
+    fuses into one QLinearConv and no float island is left; the dequantized weights are exactly
+    ``1 / F``, so it computes the trained graph's mean.
     """
-    codes, scale, zero_point = quantizer.output[0], *quantizer.input[1:3]
     weight_codes = g.add_initializer(tag + "_w_int8", np.full((channels, 1, freq, 1), MEAN_WEIGHT_CODE, np.int8))
     weight_scale = g.add_initializer(tag + "_w_scale", np.full(channels, np.float32(1.0 / freq) / MEAN_WEIGHT_CODE,
                                                                np.float32))
     weight_zero = g.add_initializer(tag + "_w_zero_point", np.zeros(channels, np.int8))
-    return [helper.make_node("DequantizeLinear", [codes, scale, zero_point], [tag + "_in"], name=tag + "_in_dq"),
-            helper.make_node("DequantizeLinear", [weight_codes, weight_scale, weight_zero], [tag + "_w"],
+    return [helper.make_node("DequantizeLinear", [weight_codes, weight_scale, weight_zero], [tag + "_w"],
                              name=tag + "_w_dq", axis=0),
-            helper.make_node("Conv", [tag + "_in", tag + "_w"], [tag + "_out"], name=tag + "_conv", group=channels,
+            helper.make_node("Conv", [dequantized, tag + "_w"], [tag + "_out"], name=tag + "_conv", group=channels,
                              kernel_shape=[freq, 1])]
 
 
@@ -666,19 +633,15 @@ def rewrite_for_int8(model: onnx.ModelProto, rewrites: Collection[str] = REWRITE
                      ) -> tuple[onnx.ModelProto, RewriteReport]:
     """A copy of an fp32 or QDQ graph with the chosen rewrites applied and its norms tagged.
 
-    On an fp32 graph every rewrite is exact. On a QDQ graph (a PT2E QAT export) the stem and
-    norm rewrites keep the trained int8 form exactly; ``freq_mean_conv`` makes the mean an int8
-    conv that reads its input's trained quantizer (bounded change, docs/export-latency.md §13);
-    :data:`REQUANTIZED_BAND_CONVS` opts into int8 band convs. Frequency-wise norms are tagged
+    Every rewrite is exact in real arithmetic, on an fp32 graph and on a QDQ graph (a PT2E QAT
+    export of asc.compress.quant), where the band convs and the mean conv become int8 convs
+    between the trained quantizers. Frequency-wise norms are tagged
     even when ``norm_affine_on_input`` is not chosen, so a plan can keep them float. The graph
     must have static feature sizes (only the batch may be dynamic).
     """
-    valid = (*REWRITES, REQUANTIZED_BAND_CONVS)
-    unknown = sorted(set(rewrites) - set(valid))
+    unknown = sorted(set(rewrites) - set(REWRITES))
     if unknown:
-        raise ConfigError(f"unknown int8 rewrites {unknown}; valid: {', '.join(valid)}")
-    if REQUANTIZED_BAND_CONVS in rewrites and "subspectral_bands" not in rewrites:
-        raise ConfigError(f"{REQUANTIZED_BAND_CONVS} refines subspectral_bands; choose both")
+        raise ConfigError(f"unknown int8 rewrites {unknown}; valid: {', '.join(REWRITES)}")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     report = RewriteReport()
     for name in REWRITES:
@@ -686,10 +649,7 @@ def rewrite_for_int8(model: onnx.ModelProto, rewrites: Collection[str] = REWRITE
             continue
         if name in rewrites:
             g = _Graph(model)
-            rewrite = _REWRITE_FUNCTIONS[name]
-            if name == "subspectral_bands":
-                rewrite = partial(_subspectral_bands, requantize=REQUANTIZED_BAND_CONVS in rewrites)
-            report.applied[name] = rewrite(g, report)
+            report.applied[name] = _REWRITE_FUNCTIONS[name](g, report)
             g.commit()
     g = _Graph(model)
     found = _freq_norms(g, report, rewrite="norm_affine_on_input" in rewrites)
