@@ -195,6 +195,8 @@ def _subband_norm_chain(conv: Node) -> tuple[tuple[Any, ...], ...]:
     rounding that graph cannot do, and one that a consumer such as the mean over frequency would
     have read float.
     """
+    if conv.target not in _CONVS:
+        return ()
     node = conv
     for kinds in _SUBBAND_NORM:
         users = list(node.users)
@@ -380,7 +382,9 @@ def snap_conv_biases(converted: GraphModule) -> int:
     run's int8 kernels agreed with its torch graph on 97.7 % of clips, and gave the Q/DQ
     simulation's uint8 codes exactly once the biases sat on the grid
     (docs/export-latency.md §15). So the deployed graph is defined with the rounded biases, and
-    torch evaluation, the ONNX file and the kernels compute the same model.
+    torch evaluation, the ONNX file and the kernels compute the same model. A conv followed by a
+    sub-spectral norm keeps its bias; the norm's shift moves instead, onto the grid of the int8
+    band convs the export makes of the pair (:func:`_snap_band_shifts`).
     """
     snapped = 0
     for node in converted.graph.nodes:
