@@ -42,14 +42,16 @@ from asc.export import (
     torch_to_onnx,
 )
 from asc.export.onnx import is_quantized_graph, ort_session
-from asc.export.precision import quantize_planned, rewrite_for_int8
+from asc.export.precision import quantize_planned, rewrite_for_int8, session_logits
 
 BATCH = 50
 CALIBRATION_CLIPS = 64
 
 
-def _logits(predict, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([predict(x[i:i + BATCH]) for i in range(0, len(x), BATCH)])
+def _torch_top1(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(x[i:i + BATCH])).numpy() for i in range(0, len(x), BATCH)]
+                              ).argmax(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     run, base = open_run(args.run), open_run(args.base)
     if not is_quantized_graph(run.model):
         parser.error(f"{args.run}: its finalized model is not a QAT graph; compress it with --method qat (or pqk)")
-    clips = split_dataset(run, run_clipset(run, progress=False), run.config.data.eval_split, as_features=True,
-                          progress=False)
-    x = np.concatenate(list(sample_clips(clips, args.clips, split=run.config.data.eval_split).batches()))
+    clipset = run_clipset(run, progress=False)  # the QAT run was compressed from the base: same corpus
+    splits = run.config.data
+    evaluation = split_dataset(run, clipset, splits.eval_split, as_features=True, progress=False)
+    x = np.concatenate(list(sample_clips(evaluation, args.clips, split=splits.eval_split).batches()))
+    train = split_dataset(run, clipset, splits.train_split, as_features=True, progress=False)
+    calibration = list(sample_clips(train, CALIBRATION_CLIPS, split=splits.train_split).batches())
     example = torch.zeros(2, *x.shape[1:])
-    train = split_dataset(base, run_clipset(base, progress=False), base.config.data.train_split, as_features=True,
-                          progress=False)
-    calibration = list(sample_clips(train, CALIBRATION_CLIPS, split=base.config.data.train_split).batches())
     qat = torch_to_onnx(run.model, example, input_name="log_mel")
     with tempfile.TemporaryDirectory(prefix="asc-qat-rewrites-") as tmp:
         work = Path(tmp)
@@ -81,20 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                  "planned PTQ int8 (base)": quantize_planned(fp32, work / "ptq.onnx", calibration),
                  "QAT int8 as converted": save_onnx(qat, work / "qat.onnx"),
                  "QAT int8 rewritten (asc export)": save_onnx(rewrite_for_int8(qat)[0], work / "rewritten.onnx")}
-        with torch.no_grad():
-            reference = _logits(lambda batch: run.model(torch.from_numpy(batch)).numpy(), x).argmax(1)
-        print(f"\ntop-1 agreement with the QAT model in torch, {len(x)} '{run.config.data.eval_split}' clips:")
-        for name, path in list(files.items())[2:]:
-            session = ort_session(path)
-            agreement = (_logits(lambda batch, s=session: s.run(None, {"log_mel": batch})[0], x).argmax(1)
-                         == reference).mean()
-            print(f"  {name:<36} {agreement:.2%}")
-        session = ort_session(files["planned PTQ int8 (base)"])
-        with torch.no_grad():
-            base_reference = _logits(lambda batch: base.model(torch.from_numpy(batch)).numpy(), x).argmax(1)
-        agreement = (_logits(lambda batch: session.run(None, {"log_mel": batch})[0], x).argmax(1)
-                     == base_reference).mean()
-        print(f"  {'planned PTQ int8, with the base model':<36} {agreement:.2%}")
+        qat_top1, base_top1 = _torch_top1(run.model, x), _torch_top1(base.model, x)
+        print(f"\ntop-1 agreement with the torch model, {len(x)} '{splits.eval_split}' clips:")
+        for name, reference in (("QAT int8 as converted", qat_top1), ("QAT int8 rewritten (asc export)", qat_top1),
+                                ("planned PTQ int8 (base)", base_top1)):
+            agreement = (session_logits(ort_session(files[name]), x, BATCH).argmax(1) == reference).mean()
+            print(f"  {name:<36} {agreement:.2%} (with the {'base' if reference is base_top1 else 'QAT'} model)")
         feed = x[:1]
         for threads in args.threads:
             calls = {name: partial(ort.InferenceSession(str(path), session_options(threads),

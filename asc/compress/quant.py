@@ -169,25 +169,41 @@ class OrtInt8Quantizer(Quantizer):
             else:
                 continue
             node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
-            output = node
-            for followers in _subband_norm_chain(node) or (_BATCH_NORMS, _RELUS, _DROPOUTS):
-                users = list(output.users)
-                if len(users) == 1 and users[0].target in followers:
-                    output = users[0]
-                    output.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
-            output.meta["quantization_annotation"].output_qspec = self.activation
+            followers = _subband_norm(node) or _reader_chain(node, _FUSED_FOLLOWERS, complete=False)
+            for follower in followers:
+                follower.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
+            (followers[-1] if followers else node).meta["quantization_annotation"].output_qspec = self.activation
         return model
 
     def validate(self, model: GraphModule) -> None:
         """Nothing to check beyond what :meth:`annotate` already guarantees."""
 
 
+_FUSED_FOLLOWERS = (_BATCH_NORMS, _RELUS, _DROPOUTS)
+"""What may follow a conv or add inside its quantized group, each optional, in this order."""
+
 _SUBBAND_NORM = (_RESHAPES, _BATCH_NORMS, _RESHAPES)
 """A sub-spectral norm in an exported graph: (N, C, F, T) -> (N, C*S, F/S, T), BN, and back."""
 
 
-def _subband_norm_chain(conv: Node) -> tuple[tuple[Any, ...], ...]:
-    """:data:`_SUBBAND_NORM` if the conv's only reader is one, else ``()``.
+def _reader_chain(node: Node, steps: tuple[tuple[Any, ...], ...], *, complete: bool) -> list[Node]:
+    """The nodes that follow ``node`` as each one's only reader, one per step whose op kinds match.
+
+    ``complete``: every step must match (else ``[]``); otherwise a step that does not match is skipped.
+    """
+    chain = []
+    for kinds in steps:
+        users = list(node.users)
+        if len(users) == 1 and users[0].target in kinds:
+            node = users[0]
+            chain.append(node)
+        elif complete:
+            return []
+    return chain
+
+
+def _subband_norm(conv: Node) -> list[Node]:
+    """The reshape, BN and reshape of a sub-spectral norm that is a conv's only reader, else ``[]``.
 
     Such a conv's output is quantized after the norm instead of before it. The export folds the
     norm's per-band affine into int8 band convs (asc.export.precision), which compute the norm's
@@ -195,15 +211,7 @@ def _subband_norm_chain(conv: Node) -> tuple[tuple[Any, ...], ...]:
     rounding that graph cannot do, and one that a consumer such as the mean over frequency would
     have read float.
     """
-    if conv.target not in _CONVS:
-        return ()
-    node = conv
-    for kinds in _SUBBAND_NORM:
-        users = list(node.users)
-        if len(users) != 1 or users[0].target not in kinds:
-            return ()
-        node = users[0]
-    return _SUBBAND_NORM
+    return _reader_chain(conv, _SUBBAND_NORM, complete=True) if conv.target in _CONVS else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,28 +406,16 @@ def snap_conv_biases(converted: GraphModule) -> int:
         step = torch.tensor(activation.args[1], dtype=torch.float32) * converted.get_buffer(str(weight.args[1].target))
         bias_values = converted.get_parameter(str(bias.target)) if isinstance(bias, Node) and bias.op == "get_attr" \
             else None
-        norm = _quantized_subband_norm(node)
+        quantized_norm = _reader_chain(node, (*_SUBBAND_NORM, (_QUANTIZE_PER_TENSOR,)), complete=True)
         with torch.no_grad():
-            if norm is not None:
-                _snap_band_shifts(converted, norm, step.double(), bias_values)
+            if quantized_norm:
+                _snap_band_shifts(converted, quantized_norm[1], step.double(), bias_values)
             elif bias_values is not None:
                 bias_values.copy_(torch.round(bias_values.float() / step) * step)
             else:
                 continue
         snapped += 1
     return snapped
-
-
-def _quantized_subband_norm(conv: Node) -> Node | None:
-    """The batch norm of a sub-spectral norm between ``conv`` and a quantizer, if that is what follows."""
-    chain, node = [], conv
-    for kinds in (*_SUBBAND_NORM, (_QUANTIZE_PER_TENSOR,)):
-        users = list(node.users)
-        if len(users) != 1 or users[0].target not in kinds:
-            return None
-        node = users[0]
-        chain.append(node)
-    return chain[1]
 
 
 def _snap_band_shifts(converted: GraphModule, norm: Node, step: Tensor, conv_bias: Tensor | None) -> None:
@@ -431,11 +427,11 @@ def _snap_band_shifts(converted: GraphModule, norm: Node, step: Tensor, conv_bia
     """
     weight, beta, mean, var = (_graph_tensor(converted, arg) for arg in norm.args[1:5])
     eps = float(norm.args[_BN_EPS_ARG])
-    channels = step.numel()
     scale = weight.double() / torch.sqrt(var.double() + eps)
-    bias = torch.zeros(channels, dtype=torch.float64) if conv_bias is None else conv_bias.double()
-    folded = (scale * bias.repeat_interleave(scale.numel() // channels) + beta.double() - mean.double() * scale)
-    band_step = (step.repeat_interleave(scale.numel() // channels) * scale.abs()).clamp_min(torch.finfo(torch.float32).tiny)
+    bands = scale.numel() // step.numel()  # BN channel c * bands + b is conv channel c, band b
+    bias = torch.zeros_like(step) if conv_bias is None else conv_bias.double()
+    folded = scale * bias.repeat_interleave(bands) + beta.double() - mean.double() * scale
+    band_step = (step.repeat_interleave(bands) * scale.abs()).clamp_min(torch.finfo(torch.float32).tiny)
     beta.copy_(beta.double() + torch.round(folded / band_step) * band_step - folded)
 
 
