@@ -42,7 +42,7 @@ from asc.export import (
     torch_to_onnx,
 )
 from asc.export.onnx import is_quantized_graph, ort_session
-from asc.export.precision import quantize_planned, rewrite_for_int8, session_logits
+from asc.export.precision import QAT_REWRITES, quantize_planned, rewrite_for_int8, session_logits
 
 BATCH = 50
 CALIBRATION_CLIPS = 64
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         files = {"ONNX fp32 (base)": fp32,
                  "planned PTQ int8 (base)": quantize_planned(fp32, work / "ptq.onnx", calibration),
                  "QAT int8 as converted": save_onnx(qat, work / "qat.onnx"),
-                 "QAT int8 rewritten (asc export)": save_onnx(rewrite_for_int8(qat)[0], work / "rewritten.onnx")}
+                 "QAT int8 rewritten (asc export)": save_onnx(rewrite_for_int8(qat, QAT_REWRITES)[0],
+                                                                       work / "rewritten.onnx")}
         qat_top1, base_top1 = _torch_top1(run.model, x), _torch_top1(base.model, x)
         print(f"\ntop-1 agreement with the torch model, {len(x)} '{splits.eval_split}' clips:")
         for name, reference in (("QAT int8 as converted", qat_top1), ("QAT int8 rewritten (asc export)", qat_top1),

@@ -64,6 +64,7 @@ from asc.export.onnx import (
     torch_to_onnx,
 )
 from asc.export.precision import (
+    QAT_REWRITES,
     PrecisionPlan,
     quantize_planned,
     rewrite_for_int8,
@@ -367,7 +368,7 @@ def _model_files(run: TrainedRun, scratch: Path, *, quantize: bool, grid: QuantG
     exported = torch_to_onnx(run.model, example, input_name=FEATURE_INPUT, output_name=OUTPUT)
     calibrated, searched = None, None
     if is_quantized_graph(run.model):
-        rewritten, rewrites = rewrite_for_int8(exported)  # trained int8 kept exactly
+        rewritten, rewrites = rewrite_for_int8(exported, QAT_REWRITES)  # trained int8 kept exactly
         files = {"onnx_int8": save_onnx(rewritten, scratch / "cnn_int8.onnx")}
         notes.append("int8: the QAT graph with its trained scales, rewritten for the int8 kernels ("
                      + ", ".join(f"{name} x{count}" for name, count in rewrites.applied.items() if count) + ")")

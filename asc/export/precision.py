@@ -21,7 +21,8 @@ that made it slow:
   and never has to be quantized.
 
 The same rewrites run on a QDQ graph (a PT2E QAT export, whose weights are DequantizeLinear of
-int8 codes and whose activations pass trained Q/DQ pairs): they move the int8 codes as they
+int8 codes and whose activations pass trained Q/DQ pairs; :data:`QAT_REWRITES` leaves out the norm
+affine, which does not pay there): they move the int8 codes as they
 would move float weights, keep every trained scale, and give each new conv a DequantizeLinear
 input and a trained QuantizeLinear output so it fuses into a QLinearConv (docs/export-latency.md
 §13, §16). QAT quantizes a sub-spectral norm's output, not the conv before it
@@ -70,6 +71,13 @@ from asc.onnx_graph import (
 
 REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "freq_mean_conv", "norm_affine_on_input")
 """All int8-friendly rewrites, in the order they are applied."""
+
+QAT_REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "freq_mean_conv")
+"""The rewrites ``asc export`` applies to a QAT graph: all but ``norm_affine_on_input``. There the
+norm's input is a DequantizeLinear, and once the affine reads it as well as the statistics,
+onnxruntime gives each reader its own copy of that DequantizeLinear, a full float pass more per norm;
+the trained graph computes ``(x - shift) * scale + offset``, so keeping that form also rounds as
+training did (2.5 % faster on the c=40 QAT graph, docs/export-latency.md §17)."""
 
 
 GROUPS: tuple[str, ...] = ("prefix", "norm_stats", "norm_output", "stem", "band_conv", "freq_mean", "depthwise",
