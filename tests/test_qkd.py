@@ -15,6 +15,7 @@ from compress_resume import assert_same_tensors, kill_and_resume
 from asc.compress.base import StageContext
 from asc.compress.grid import QuantGrid
 from asc.compress.qkd import (
+    MIN_STEP,
     QKD,
     LSQQuantizer,
     QKDOptions,
@@ -70,6 +71,26 @@ def test_per_channel_weight_steps_start_on_the_min_max_grid_and_learn():
     assert quantizer.step.grad.shape == (3, 1, 1, 1)
     assert not torch.equal(quantizer.step.detach(), before)
     assert ((quantizer(weight) - weight).pow(2).sum() < (lsq(weight, before, -7, 7, 1.0) - weight).pow(2).sum())
+
+
+def test_a_step_pushed_below_zero_is_projected_back_after_the_optimizer_step():
+    """An over-large learning rate drives a step negative; QKD's after_step puts it back on MIN_STEP,
+    so the next forward stays finite instead of dividing by a zero or negative step."""
+    torch.manual_seed(0)
+    qkd = QKD(QKDOptions(), BCResNetMod(width=8, num_classes=4))
+    model = qkd.wrap_model(BCResNetMod(width=8, num_classes=4))
+    x = torch.randn(2, 1, 32, 40)
+    model.train()(x)
+    quantizer = model.stages[0][0].pointwise.weight_quant
+    assert quantizer in qkd.quantizers and len(qkd.quantizers) == 2 * len(qkd.widths)
+    with torch.no_grad():
+        quantizer.step[0] = -0.5
+        quantizer.step[1] = 0.0
+    healthy = quantizer.step.detach()[2:].clone()
+    qkd.after_step(trainer=None)  # type: ignore[arg-type] -- the hook reads nothing of the trainer
+    assert quantizer.step[0].item() == quantizer.step[1].item() == pytest.approx(MIN_STEP)
+    assert torch.equal(quantizer.step.detach()[2:], healthy)
+    assert torch.isfinite(model(x)).all()
 
 
 def test_activation_quantizer_picks_its_sign_from_the_first_batch():

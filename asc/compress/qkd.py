@@ -101,6 +101,11 @@ def across_ranks(value: Tensor, *, mean: bool) -> Tensor:
     return value / dist.get_world_size() if mean else value
 
 
+MIN_STEP = 1e-8
+"""Smallest step a quantizer holds: a step at or below zero (a large learning rate can push one
+there) would divide by zero or flip the grid, and every later loss would be NaN."""
+
+
 class LSQQuantizer(nn.Module):
     """A learned-step quantizer: per output channel (``channels``) or per tensor.
 
@@ -146,8 +151,13 @@ class LSQQuantizer(nn.Module):
             step = (flat.amax(dim=1) / qp).reshape(self.step.shape)
         else:
             step = 2 * across_ranks(x.abs().mean(), mean=True) / math.sqrt(qp)
-        self.step.copy_(step.clamp_min(1e-8))
+        self.step.copy_(step.clamp_min(MIN_STEP))
         self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def keep_step_positive(self) -> None:
+        """Project the step back to at least :data:`MIN_STEP` after an optimizer update."""
+        self.step.clamp_(min=MIN_STEP)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -297,6 +307,7 @@ class QKD(Method):
         self.teacher = Auxiliary(teacher, lr=options.teacher_lr)
         self.phase = SELF_STUDY
         self.widths: dict[str, int] = {}
+        self.quantizers: list[LSQQuantizer] = []
         self.run_dir: Path | None = None
 
     @classmethod
@@ -322,6 +333,7 @@ class QKD(Method):
     def wrap_model(self, model: nn.Module) -> nn.Module:
         self.widths = quantize_layers(model, self.options.bits, per_channel=self.options.per_channel,
                                       keep_ends=self.options.keep_ends)
+        self.quantizers = [module for module in model.modules() if isinstance(module, LSQQuantizer)]
         return model
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -332,6 +344,10 @@ class QKD(Method):
 
     def on_phase_start(self, trainer: Trainer, phase: Phase) -> None:
         self.phase = phase.name
+
+    def after_step(self, trainer: Trainer) -> None:
+        for quantizer in self.quantizers:
+            quantizer.keep_step_positive()
 
     def forward(self, trainer: Trainer, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
         if self.phase == CO_STUDY:
