@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="asc-qat-rewrites-") as tmp:
         work = Path(tmp)
         fp32 = save_onnx(torch_to_onnx(base.model, example, input_name="log_mel"), work / "fp32.onnx")
+        rewritten = rewrite_for_int8(qat, QAT_REWRITES)[0]
         files = {"ONNX fp32 (base)": fp32,
                  "planned PTQ int8 (base)": quantize_planned(fp32, work / "ptq.onnx", calibration),
                  "QAT int8 as converted": save_onnx(qat, work / "qat.onnx"),
-                 "QAT int8 rewritten (asc export)": save_onnx(rewrite_for_int8(qat, QAT_REWRITES)[0],
-                                                                       work / "rewritten.onnx")}
+                 "QAT int8 rewritten (asc export)": save_onnx(rewritten, work / "rewritten.onnx")}
         qat_top1, base_top1 = _torch_top1(run.model, x), _torch_top1(base.model, x)
         print(f"\ntop-1 agreement with the torch model, {len(x)} '{splits.eval_split}' clips:")
         for name, reference in (("QAT int8 as converted", qat_top1), ("QAT int8 rewritten (asc export)", qat_top1),

@@ -77,7 +77,7 @@ QAT_REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "fr
 norm's input is a DequantizeLinear, and once the affine reads it as well as the statistics,
 onnxruntime gives each reader its own copy of that DequantizeLinear, a full float pass more per norm;
 the trained graph computes ``(x - shift) * scale + offset``, so keeping that form also rounds as
-training did (2.5 % faster on the c=40 QAT graph, docs/export-latency.md §17)."""
+training did (2.7 % faster on the c=40 QAT graph at 1 thread, docs/export-latency.md §17)."""
 
 
 GROUPS: tuple[str, ...] = ("prefix", "norm_stats", "norm_output", "stem", "band_conv", "freq_mean", "depthwise",
