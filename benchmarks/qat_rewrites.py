@@ -5,16 +5,18 @@
 ``RUN`` is a compressed run whose finalized model is a PT2E QAT graph (``asc compress --method qat``,
 ``pqk``, ``prune+qat`` …); ``BASE`` is a float run of the same architecture, whose ONNX fp32 graph
 is the latency reference. For each file the script prints its top-1 agreement with the QAT model
-in torch on ``--clips`` evaluation clips (onnxruntime's integer kernels, so the figure is only true
-of this CPU class), then times the files round-robin in one loop per thread count (batch 1):
+in torch on ``--clips`` evaluation clips and, for the QAT files, the median and largest |Δlogit|
+against it (onnxruntime's integer kernels, so the figures are only true of this CPU class), then
+times the files round-robin in one loop per thread count (batch 1):
 
 - the base's ONNX fp32 graph (the reference of every ratio);
 - the base quantized after training under the default :class:`PrecisionPlan` (calibrated on 64 of
   its training clips), the post-training int8 a QAT export should be at least as fast as;
 - the QAT graph as converted;
-- the QAT graph with every int8-friendly rewrite, what ``asc export`` ships.
+- the QAT graph with the rewrites ``asc export`` applies (``QAT_REWRITES``), what it ships;
+- the same with the norm affine moved onto the norm's input too (all ``REWRITES``, §16's export).
 
-docs/export-latency.md §16 has the figures. The CPU line and the load average come first.
+docs/export-latency.md §16 and §17 have the figures. The CPU line and the load average come first.
 """
 
 from __future__ import annotations
@@ -42,16 +44,15 @@ from asc.export import (
     torch_to_onnx,
 )
 from asc.export.onnx import is_quantized_graph, ort_session
-from asc.export.precision import QAT_REWRITES, quantize_planned, rewrite_for_int8, session_logits
+from asc.export.precision import QAT_REWRITES, REWRITES, quantize_planned, rewrite_for_int8, session_logits
 
 BATCH = 50
 CALIBRATION_CLIPS = 64
 
 
-def _torch_top1(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+def _torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return np.concatenate([model(torch.from_numpy(x[i:i + BATCH])).numpy() for i in range(0, len(x), BATCH)]
-                              ).argmax(1)
+        return np.concatenate([model(torch.from_numpy(x[i:i + BATCH])).numpy() for i in range(0, len(x), BATCH)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,17 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="asc-qat-rewrites-") as tmp:
         work = Path(tmp)
         fp32 = save_onnx(torch_to_onnx(base.model, example, input_name="log_mel"), work / "fp32.onnx")
-        rewritten = rewrite_for_int8(qat, QAT_REWRITES)[0]
+        shipped, affine_moved = (rewrite_for_int8(qat, rewrites)[0] for rewrites in (QAT_REWRITES, REWRITES))
         files = {"ONNX fp32 (base)": fp32,
                  "planned PTQ int8 (base)": quantize_planned(fp32, work / "ptq.onnx", calibration),
                  "QAT int8 as converted": save_onnx(qat, work / "qat.onnx"),
-                 "QAT int8 rewritten (asc export)": save_onnx(rewritten, work / "rewritten.onnx")}
-        qat_top1, base_top1 = _torch_top1(run.model, x), _torch_top1(base.model, x)
+                 "QAT int8 rewritten (asc export)": save_onnx(shipped, work / "rewritten.onnx"),
+                 "+ norm affine on input (§16)": save_onnx(affine_moved, work / "affine.onnx")}
+        qat_logits, base_top1 = _torch_logits(run.model, x), _torch_logits(base.model, x).argmax(1)
         print(f"\ntop-1 agreement with the torch model, {len(x)} '{splits.eval_split}' clips:")
-        for name, reference in (("QAT int8 as converted", qat_top1), ("QAT int8 rewritten (asc export)", qat_top1),
-                                ("planned PTQ int8 (base)", base_top1)):
-            agreement = (session_logits(ort_session(files[name]), x, BATCH).argmax(1) == reference).mean()
-            print(f"  {name:<36} {agreement:.2%} (with the {'base' if reference is base_top1 else 'QAT'} model)")
+        for name in files:
+            if name == "ONNX fp32 (base)":
+                continue
+            logits = session_logits(ort_session(files[name]), x, BATCH)
+            if name == "planned PTQ int8 (base)":
+                print(f"  {name:<36} {(logits.argmax(1) == base_top1).mean():.2%} (with the base model)")
+                continue
+            change = np.abs(logits - qat_logits).max(axis=1)
+            print(f"  {name:<36} {(logits.argmax(1) == qat_logits.argmax(1)).mean():.2%} (with the QAT model; "
+                  f"|dlogit| median {np.median(change):.4f}, max {change.max():.4f})")
         feed = x[:1]
         for threads in args.threads:
             calls = {name: partial(ort.InferenceSession(str(path), session_options(threads),
