@@ -77,7 +77,9 @@ QAT_REWRITES: tuple[str, ...] = ("subspectral_bands", "stem_space_to_depth", "fr
 norm's input is a DequantizeLinear, and once the affine reads it as well as the statistics,
 onnxruntime gives each reader its own copy of that DequantizeLinear, a full float pass more per norm;
 the trained graph computes ``(x - shift) * scale + offset``, so keeping that form also rounds as
-training did (2.7 % faster on the c=40 QAT graph at 1 thread, docs/export-latency.md §17)."""
+training did: the shipped logits equal the converted graph's on six trained runs, where moving the
+affine flipped a clip in two. 2.7 % faster on the 10-s c=40 graph, 2 % slower on the main job's 2-s
+c=20 runs (docs/export-latency.md §17)."""
 
 
 GROUPS: tuple[str, ...] = ("prefix", "norm_stats", "norm_output", "stem", "band_conv", "freq_mean", "depthwise",
