@@ -79,7 +79,7 @@ onnxruntime gives each reader its own copy of that DequantizeLinear, a full floa
 the trained graph computes ``(x - shift) * scale + offset``, so keeping that form also rounds as
 training did: the shipped logits equal the converted graph's on six trained runs, where moving the
 affine flipped a clip in two. 2.7 % faster on the 10-s c=40 graph, 2 % slower on the main job's 2-s
-c=20 runs (docs/export-latency.md §17)."""
+c=20 runs (AMD EPYC with AVX-512 VNNI, seeds 0-2; docs/export-latency.md §17)."""
 
 
 GROUPS: tuple[str, ...] = ("prefix", "norm_stats", "norm_output", "stem", "band_conv", "freq_mean", "depthwise",
