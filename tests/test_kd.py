@@ -88,20 +88,28 @@ def test_distillation_term_is_nonzero_and_pulls_the_student_to_the_teacher(tiny_
     kl = {}
     for weight in (0.0, 5.0):
         config = load_config(RunConfig, None, tiny_overrides(epochs=3))
-        hook = Distillation(ModelTeacher(teacher), temperature=2.0, weight=weight)
+        provider = ModelTeacher(teacher)
+        hook = Distillation(provider, temperature=2.0, weight=weight)
         seen: list[float] = []
-        original = hook.extra_losses
+        teacher_calls = []
+        original_losses, original_logits = hook.extra_losses, provider.logits
 
-        def recording(trainer, outputs, targets, original=original, seen=seen):
+        def recording(trainer, outputs, targets, original=original_losses, seen=seen):
             losses = original(trainer, outputs, targets)
-            seen.append(losses["kd"].item())
+            seen.extend(term.item() for name, term in losses.items() if name == "kd")
             return losses
 
-        hook.extra_losses = recording
+        def counting(trainer, x, original=original_logits, calls=teacher_calls):
+            calls.append(len(x))
+            return original(trainer, x)
+
+        hook.extra_losses, provider.logits = recording, counting
         trainer = Trainer(config, tmp_path / f"student-{weight}", hooks=[hook], progress=False)
         trainer.fit()
         if weight > 0:
-            assert min(seen) > 0
+            assert min(seen) > 0 and len(seen) == len(teacher_calls) > 0
+        else:  # a fine-tuning baseline: the teacher never runs and adds no term
+            assert seen == [] and teacher_calls == []
         kl[weight] = _mean_kl(trainer, teacher)
     assert kl[5.0] < 0.7 * kl[0.0]
 

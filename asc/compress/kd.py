@@ -190,7 +190,8 @@ class Distillation(TrainHook):
     The loop runs the student; this hook adds the provider's ``teacher_logits`` for the same
     batch and registers the provider's modules (a frozen teacher, trainable peers) as auxiliaries.
     With mixup on, logit teachers see the mixed input; precomputed teachers' soft targets are mixed
-    with the batch's pairing instead.
+    with the batch's pairing instead. At weight 0 the teacher is not run and no term is added: the
+    same schedule as a distilled run, without its cost (a fine-tuning baseline).
     """
 
     name = "kd"
@@ -210,9 +211,11 @@ class Distillation(TrainHook):
         return frozenset({"teacher_logits"})
 
     def forward(self, trainer: Trainer, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
-        return {"teacher_logits": self.provider.logits(trainer, x)}
+        return {"teacher_logits": self.provider.logits(trainer, x)} if self.weight > 0 else {}
 
     def extra_losses(self, trainer: Trainer, outputs: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+        if self.weight == 0:
+            return {}
         student, teacher = outputs["logits"], outputs["teacher_logits"]
         mix = trainer.batch.mix
         if isinstance(self.provider, PrecomputedTeacher) and mix is not None:
