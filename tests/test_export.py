@@ -320,8 +320,9 @@ def test_a_qat_graph_ships_its_trained_int8_rewritten_for_the_kernels(trained, t
     assert any("rewritten for the int8 kernels (" in note and "stem_space_to_depth x1" in note
                and "norm_affine_on_input" not in note for note in parity["notes"])  # QAT_REWRITES
     # not re-quantized: the graph's own int8 weights and scales, every conv fused; each depthwise
-    # conv and its sub-spectral norm became 4 band convs, each mean over frequency a conv
-    assert manifest.metrics["qlinear_convs"] == manifest.metrics["convs"] == 33 - 9 + 4 * 9 + 9
+    # conv and its sub-spectral norm became one conv over the 4 bands stacked on channels, each mean
+    # over frequency a conv
+    assert manifest.metrics["qlinear_convs"] == manifest.metrics["convs"] == 33 + 9
     model = onnx.load(str(tmp_path / "qat" / "model.onnx"))
     assert [n.op_type for n in model.graph.node].count("SpaceToDepth") == 1
     stored = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]
@@ -329,10 +330,12 @@ def test_a_qat_graph_ships_its_trained_int8_rewritten_for_the_kernels(trained, t
     scales = [a.tobytes() for a in stored if a.dtype == np.float32]
     deployed = int8_conv_weights(graph)
     assert len(deployed) == 33
-    band_codes = [np.abs(a).tobytes() for a in stored if a.dtype == np.int8]
+    # a stacked band conv: per band (band-major) the codes times the sign of the band's norm scale
+    band_codes = [[np.abs(band).tobytes() for band in np.split(a, 4)] for a in stored
+                  if a.dtype == np.int8 and a.shape[2:] == (3, 1)]
     for expected in deployed[1:]:  # the stem's codes are moved by space-to-depth (tests/test_precision.py)
-        if expected.q.shape[2:] == (3, 1):  # a band conv: its codes times the sign of the band's norm scale
-            assert np.abs(expected.q.numpy()).tobytes() in band_codes
+        if expected.q.shape[2:] == (3, 1):
+            assert [np.abs(expected.q.numpy()).tobytes()] * 4 in band_codes
             continue
         assert expected.q.numpy().tobytes() in int8_arrays
         assert expected.scale.numpy().astype(np.float32).tobytes() in scales

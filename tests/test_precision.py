@@ -349,8 +349,9 @@ def test_rewrites_keep_a_qat_graph_exact(qat_exported: Path, tmp_path: Path) -> 
     path = save_onnx(rewritten, tmp_path / "rewritten.onnx")
     census = fusion_census(path)
     assert census.float_convs == 0 and census.qlinear_convs == sum(n.op_type == "Conv" for n in rewritten.graph.node)
-    assert census.qlinear_convs == fusion_census(qat_exported).convs - N_BLOCKS + 4 * N_BLOCKS + N_BLOCKS
-    assert census.op_counts.get("QLinearConcat") == N_BLOCKS
+    # each depthwise conv becomes one conv over the bands stacked on channels, and a mean conv is added
+    assert census.qlinear_convs == fusion_census(qat_exported).convs + N_BLOCKS
+    assert census.op_counts.get("QLinearConcat") == census.op_counts.get("Split") == N_BLOCKS
 
     # the stem reads the SpaceToDepth of the dequantized input, quantized again with the input
     # quantizer's trained scale; its weight is the same int8 codes, moved, with the same scales
@@ -395,8 +396,9 @@ def test_rewrites_keep_a_qat_graph_exact(qat_exported: Path, tmp_path: Path) -> 
 @pytest.mark.slow
 def test_qat_band_and_mean_convs_compute_the_trained_norm_and_mean(qat_exported: Path, tmp_path: Path) -> None:
     """A QAT graph has no quantizer between a depthwise conv and its sub-spectral norm, so the pair
-    becomes int8 band convs: the conv's codes (sign flipped where the band scale is negative), the
-    weight scale times |band scale|, and a band bias on its int32 grid (QAT snapped the norm's shift).
+    becomes one int8 conv over the bands stacked on channels, band-major: per band the conv's codes
+    (sign flipped where the band scale is negative), the weight scale times |band scale|, and a band
+    bias on its int32 grid (QAT snapped the norm's shift).
     The mean over frequency reads that norm's quantized output, as in the trained graph, through
     int8 weights that dequantize to exactly 1/F. Both give the original graph's codes."""
     original = onnx.load(str(qat_exported))
@@ -406,8 +408,8 @@ def test_qat_band_and_mean_convs_compute_the_trained_norm_and_mean(qat_exported:
     old_producer = {o: n for n in original.graph.node for o in n.output}
     norms = [n for n in original.graph.node if n.op_type == "BatchNormalization"]
     assert len(norms) == N_BLOCKS
-    bands = [n for n in rewritten.graph.node if n.op_type == "Conv" and ".asc_band" in n.name]
-    assert len(bands) == 4 * N_BLOCKS
+    bands = [n for n in rewritten.graph.node if n.op_type == "Conv" and n.name.endswith(".asc_bands_conv")]
+    assert len(bands) == N_BLOCKS
     for conv in bands:
         weight, source = producer[conv.input[1]], producer[conv.input[0]]
         w_codes, w_scale, bias = values[weight.input[0]], values[weight.input[1]], values[conv.input[2]]
@@ -420,13 +422,15 @@ def test_qat_band_and_mean_convs_compute_the_trained_norm_and_mean(qat_exported:
         codes, scales = old_values[old_weight.input[0]], old_values[old_weight.input[1]].astype(np.float64)
         gamma, var = (old_values[bn.input[i]].astype(np.float64) for i in (1, 4))
         band_scale = (gamma / np.sqrt(var + node_attribute(bn, "epsilon", 1e-5))).reshape(codes.shape[0], 4)
-        tag = (bn.name or bn.output[0]) + ".asc_band"
+        band_conv = next(n for n in bands if n.name == (bn.name or bn.output[0]) + ".asc_bands_conv")
+        assert node_attribute(band_conv, "group") == 4 * codes.shape[0]
+        weight = producer[band_conv.input[1]]
+        stacked_codes = np.split(values[weight.input[0]], 4)
+        stacked_scales = np.split(values[weight.input[1]], 4)
         for band in range(4):
-            band_conv = next(n for n in bands if n.name == f"{tag}{band}_conv")
-            weight = producer[band_conv.input[1]]
             sign = np.sign(band_scale[:, band]).reshape(-1, 1, 1, 1)
-            assert np.array_equal(values[weight.input[0]], (codes * sign).astype(np.int8))
-            np.testing.assert_allclose(values[weight.input[1]], scales * np.abs(band_scale[:, band]), rtol=1e-6)
+            assert np.array_equal(stacked_codes[band], (codes * sign).astype(np.int8))
+            np.testing.assert_allclose(stacked_scales[band], scales * np.abs(band_scale[:, band]), rtol=1e-6)
 
     means = [n for n in rewritten.graph.node if n.name.endswith(".asc_fmean_conv")]
     assert len(means) == N_BLOCKS

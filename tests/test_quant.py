@@ -410,8 +410,10 @@ def test_onnxruntime_fuses_every_conv_and_keeps_the_norms_float(trained, deploye
     # as converted, the 9 depthwise convs in front of a sub-spectral norm have no output quantizer
     assert census.qlinear_convs == 24 and census.float_convs == 9
     shipped = fusion_census(deployed.shipped)
-    # as shipped: 4 int8 band convs per block instead of conv + norm, and the mean over frequency as a conv
-    assert shipped.float_convs == 0 and shipped.qlinear_convs == 24 + 4 * 9 + 9
+    # as shipped: one int8 conv over the 4 bands stacked on channels per block instead of conv + norm, and
+    # the mean over frequency as a conv
+    assert shipped.float_convs == 0 and shipped.qlinear_convs == 24 + 9 + 9
+    assert shipped.op_counts.get("Split") == 9
     assert shipped.op_counts.get("QLinearConcat") == 9 and "BatchNormalization" not in shipped.op_counts
     assert shipped.op_counts.get("QLinearAdd") == sum(1 + b.identity_shortcut for b in blocks) == 14
     assert "QLinearMul" not in shipped.op_counts  # the norms' multiplies run in float

@@ -38,7 +38,7 @@ meets the bar. The rewrites pay off only in int8: the fp32 bundle keeps the plai
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -223,7 +223,7 @@ def _subspectral_bands(g: _Graph, report: RewriteReport) -> int:
         nodes = _band_convs(g, x, scale, shift, second.output[0], _name(bn)) \
             or _quantized_band_convs(g, x, scale, shift, second.output[0], _name(bn)) \
             or _band_affine(g, x, scale, shift, band_rows, second.output[0], _name(bn))
-        if nodes[0].op_type == "Slice":  # the band convs replace the conv
+        if nodes[-1].op_type == "Concat":  # the band convs replace the conv
             conv = g.producer[x]
             g.replace(conv, nodes)
             g.drop(first)
@@ -263,56 +263,106 @@ def _quantized_band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarra
             or (weight.values == -128).any() or not scale.all()):
         return []
     weight_scale = np.asarray(g.constants[weight.scale], np.float64)
-
-    def band_weight(tag: str, band_scale: np.ndarray) -> tuple[list[onnx.NodeProto], str]:
-        sign = np.sign(band_scale).reshape(-1, 1, 1, 1)
-        w_codes = g.add_initializer(tag + "_w_int8", (weight.values * sign).astype(np.int8))
-        w_scale = g.add_initializer(tag + "_w_scale", (weight_scale * np.abs(band_scale)).astype(np.float32))
-        return [helper.make_node("DequantizeLinear", [w_codes, w_scale, weight.zero_point], [tag + "_w"],
-                                 name=tag + "_w_dq", axis=0)], tag + "_w"
-
-    return _band_conv_nodes(g, conv, weight.values, scale, shift, output, name, band_weight, (source, out_quantizer))
+    return _stacked_band_conv(g, conv, weight.values, weight_scale, scale, shift, output, name,
+                              (source, out_quantizer))
 
 
-def _band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, output: str,
-                name: str) -> list[onnx.NodeProto]:
-    """One depthwise conv per band, the band's affine folded into its weights and bias."""
-    conv = g.producer.get(x)
-    weight = g.constants.get(conv.input[1]) if conv is not None and conv.op_type == "Conv" else None
-    if weight is None or len(g.users(x)) != 1:
-        return []
+def _stacked_band_conv(g: _Graph, conv: onnx.NodeProto, codes: np.ndarray, weight_scale: np.ndarray,
+                       scale: np.ndarray, shift: np.ndarray, output: str, name: str,
+                       quantizers: tuple[onnx.NodeProto, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The QAT band convs as one depthwise conv whose channels are (band, channel) pairs.
 
-    def band_weight(tag: str, band_scale: np.ndarray) -> tuple[list[onnx.NodeProto], str]:
-        return [], g.add_initializer(tag + "_w", (weight * band_scale.reshape(-1, 1, 1, 1)).astype(np.float32))
-
-    return _band_conv_nodes(g, conv, weight, scale, shift, output, name, band_weight)
-
-
-def _band_conv_nodes(g: _Graph, conv: onnx.NodeProto, weight: np.ndarray, scale: np.ndarray, shift: np.ndarray,
-                     output: str, name: str, band_weight: Callable[[str, np.ndarray], tuple[list[onnx.NodeProto], str]],
-                     quantizers: tuple[onnx.NodeProto, onnx.NodeProto] | None = None) -> list[onnx.NodeProto]:
-    """Both band-conv rewrites: Slice -> Conv per band and a Concat for the depthwise ``conv`` (``weight``: float
-    or int8 codes) and the band affine after it, or [] where its geometry does not allow that.
-
-    Each band reads its rows plus the conv's halo rows from the neighbouring bands, so the
-    concatenated result equals conv-then-norm exactly. ``band_weight`` makes a band's weight
-    (nodes, name). ``quantizers`` (a QDQ graph's input DequantizeLinear and norm output
-    QuantizeLinear) make the bands slice int8 codes and share the norm output's range, so the
-    Concat only copies bytes.
+    Each band's rows are sliced with the conv's halo from the neighbouring bands (the outer bands
+    padded with the input's zero point) and the bands are stacked on the channel axis, so one int8
+    conv with ``bands x channels`` channels does the work of ``bands`` convs: onnxruntime's depthwise
+    int8 kernel pays per output pixel, so a quarter of the pixels at four times the channels costs
+    far less (docs/export-latency.md §18). Its output is split back into bands and concatenated on
+    frequency: Split and ``QLinearConcat`` only move bytes, so every code is the one the per-band
+    convs computed.
     """
+    geometry = _band_conv_geometry(g, conv, codes, scale)
+    if geometry is None:
+        return []
     channels, bands = scale.shape
+    freq, kernel, pads, strides, dilations, bias = geometry
+    source, out_quantizer = quantizers
+    in_scale, in_zero = source.input[1:3]
+    out_scale, out_zero = out_quantizer.input[1:3]
+    sign = np.sign(scale.T).reshape(-1, 1, 1, 1)  # band-major, like the stacked channels
+    tag = _tagged(name, "bands")
+    stacked = tag + "_stacked_q"
+    axis = g.add_initializer(tag + "_freq_axis", np.array([2], np.int64))
+    nodes = []
+    for band in range(bands):
+        first_row, end_row, top, bottom = _band_geometry(freq, bands, kernel, pads[0], band)
+        first = g.add_initializer(f"{tag}{band}_start", np.array([first_row], np.int64))
+        end = g.add_initializer(f"{tag}{band}_end", np.array([end_row], np.int64))
+        band_q = f"{tag}{band}_in_q"
+        sliced = band_q + "_rows" if top or bottom else band_q
+        nodes.append(helper.make_node("Slice", [source.input[0], first, end, axis], [sliced],
+                                      name=f"{tag}{band}_slice"))
+        if top or bottom:  # an outer band: the conv's zero rows, as the input's zero point
+            row_pads = g.add_initializer(f"{tag}{band}_row_pads", np.array([0, 0, top, 0, 0, 0, bottom, 0], np.int64))
+            nodes.append(helper.make_node("Pad", [sliced, row_pads, in_zero], [band_q], name=f"{tag}{band}_pad"))
+    w_codes = g.add_initializer(tag + "_w_int8", (np.tile(codes, (bands, 1, 1, 1)) * sign).astype(np.int8))
+    w_scale = g.add_initializer(tag + "_w_scale", (np.tile(weight_scale, bands) * np.abs(scale.T).ravel())
+                                .astype(np.float32))
+    w_zero = g.add_initializer(tag + "_w_zero", np.zeros(bands * channels, np.int8))
+    b = g.add_initializer(tag + "_b", (bias[:, None] * scale + shift).T.ravel().astype(np.float32))
+    split = g.add_initializer(tag + "_split", np.full(bands, channels, np.int64))
+    nodes += [
+        helper.make_node("Concat", [f"{tag}{band}_in_q" for band in range(bands)], [stacked], name=tag + "_stack",
+                         axis=1),
+        helper.make_node("DequantizeLinear", [stacked, in_scale, in_zero], [tag + "_in"], name=tag + "_in_dq"),
+        helper.make_node("DequantizeLinear", [w_codes, w_scale, w_zero], [tag + "_w"], name=tag + "_w_dq", axis=0),
+        helper.make_node("Conv", [tag + "_in", tag + "_w", b], [tag + "_y"], name=tag + "_conv",
+                         group=bands * channels, kernel_shape=list(codes.shape[2:]), pads=[0, pads[1], 0, pads[3]],
+                         strides=strides, dilations=dilations),
+        helper.make_node("QuantizeLinear", [tag + "_y", out_scale, out_zero], [tag + "_q"], name=tag + "_q"),
+        helper.make_node("Split", [tag + "_q", split], [f"{tag}{band}_q" for band in range(bands)],
+                         name=tag + "_split", axis=1)]
+    nodes += [helper.make_node("DequantizeLinear", [f"{tag}{band}_q", out_scale, out_zero], [f"{tag}{band}_out"],
+                               name=f"{tag}{band}_dq") for band in range(bands)]
+    nodes.append(helper.make_node("Concat", [f"{tag}{band}_out" for band in range(bands)], [output],
+                                  name=_tagged(name, "band_concat"), axis=2))
+    return nodes
+
+
+def _band_conv_geometry(g: _Graph, conv: onnx.NodeProto, weight: np.ndarray, scale: np.ndarray
+                        ) -> tuple[int, int, list[int], list[int], list[int], np.ndarray] | None:
+    """(frequency rows, kernel rows, pads, strides, dilations, bias) of a depthwise ``conv`` whose
+    output the band convs can replace, or None: it must keep the frequency size, stride 1 on it."""
+    channels = scale.shape[0]
     in_shape = g.shape(conv.input[0])
     strides, dilations = node_attribute(conv, "strides", [1, 1]), node_attribute(conv, "dilations", [1, 1])
     pads = node_attribute(conv, "pads", [0, 0, 0, 0])
     if (node_attribute(conv, "group", 1) != channels or weight.ndim != 4 or weight.shape[:2] != (channels, 1)
             or not in_shape or in_shape[2] is None or strides[0] != 1 or dilations[0] != 1
             or node_attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
-        return []
+        return None
     freq, kernel = in_shape[2], weight.shape[2]
     bias = g.constants.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels)
-    if freq + pads[0] + pads[2] - kernel + 1 != freq or freq % bands or bias is None:
+    if freq + pads[0] + pads[2] - kernel + 1 != freq or freq % scale.shape[1] or bias is None:
+        return None
+    return freq, kernel, pads, strides, dilations, np.asarray(bias, np.float64)
+
+
+def _band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarray, output: str,
+                name: str) -> list[onnx.NodeProto]:
+    """One float depthwise conv per band, the band's affine folded into its weights and bias: Slice -> Conv
+    per band and a Concat, or [] where the conv's geometry does not allow that.
+
+    Each band reads its rows plus the conv's halo rows from the neighbouring bands, so the
+    concatenated result equals conv-then-norm exactly. Post-training quantization then makes each
+    band an int8 conv of its own range.
+    """
+    conv = g.producer.get(x)
+    weight = g.constants.get(conv.input[1]) if conv is not None and conv.op_type == "Conv" else None
+    geometry = None if weight is None or len(g.users(x)) != 1 else _band_conv_geometry(g, conv, weight, scale)
+    if geometry is None:
         return []
-    source = quantizers[0].input[0] if quantizers else conv.input[0]
+    channels, bands = scale.shape
+    freq, kernel, pads, strides, dilations, bias = geometry
     axis = g.add_initializer(_tagged(name, "band_axis"), np.array([2], np.int64))
     nodes, outs = [], []
     for band in range(bands):
@@ -320,22 +370,12 @@ def _band_conv_nodes(g: _Graph, conv: onnx.NodeProto, weight: np.ndarray, scale:
         tag = _tagged(name, f"band{band}")
         start = g.add_initializer(tag + "_start", np.array([first_row], np.int64))
         end = g.add_initializer(tag + "_end", np.array([end_row], np.int64))
-        rows, y = (tag + "_in_q", tag + "_y") if quantizers else (tag + "_in", tag + "_out")
-        nodes.append(helper.make_node("Slice", [source, start, end, axis], [rows], name=tag + "_slice"))
-        if quantizers:
-            nodes.append(helper.make_node("DequantizeLinear", [rows, *quantizers[0].input[1:3]], [tag + "_in"],
-                                          name=tag + "_in_dq"))
-        weight_nodes, w = band_weight(tag, scale[:, band])
+        w = g.add_initializer(tag + "_w", (weight * scale[:, band].reshape(-1, 1, 1, 1)).astype(np.float32))
         b = g.add_initializer(tag + "_b", (bias * scale[:, band] + shift[:, band]).astype(np.float32))
-        nodes += weight_nodes
-        nodes.append(helper.make_node("Conv", [tag + "_in", w, b], [y], name=tag + "_conv", group=channels,
-                                      kernel_shape=list(weight.shape[2:]), pads=[top, pads[1], bottom, pads[3]],
-                                      strides=strides, dilations=dilations))
-        if quantizers:
-            out_scale, out_zero = quantizers[1].input[1:3]
-            nodes += [helper.make_node("QuantizeLinear", [y, out_scale, out_zero], [tag + "_q"], name=tag + "_q"),
-                      helper.make_node("DequantizeLinear", [tag + "_q", out_scale, out_zero], [tag + "_out"],
-                                       name=tag + "_dq")]
+        nodes += [helper.make_node("Slice", [conv.input[0], start, end, axis], [tag + "_in"], name=tag + "_slice"),
+                  helper.make_node("Conv", [tag + "_in", w, b], [tag + "_out"], name=tag + "_conv", group=channels,
+                                   kernel_shape=list(weight.shape[2:]), pads=[top, pads[1], bottom, pads[3]],
+                                   strides=strides, dilations=dilations)]
         outs.append(tag + "_out")
     nodes.append(helper.make_node("Concat", outs, [output], name=_tagged(name, "band_concat"), axis=2))
     return nodes
