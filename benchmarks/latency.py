@@ -227,12 +227,12 @@ def qat_export(model: torch.nn.Module, shape: tuple[int, int], calibration: list
 
 
 QAT_STEPS: dict[str, tuple[str, ...]] = {
-    "QAT int8 + int8 band convs": ("subspectral_bands",),
+    "QAT int8 + stacked int8 band conv": ("subspectral_bands",),
     "  + stem space-to-depth": ("subspectral_bands", "stem_space_to_depth"),
     "  + freq mean as int8 conv (asc export)": QAT_REWRITES,
     "  + norm affine on input (not exported)": REWRITES,
 }
-"""Cumulative rewrites of a QAT graph, each exact in real arithmetic (docs/export-latency.md §16-17); the
+"""Cumulative rewrites of a QAT graph, each exact in real arithmetic (docs/export-latency.md §16-18); the
 last is what ``asc export`` leaves out of QAT graphs (asc.export.precision.QAT_REWRITES)."""
 
 
