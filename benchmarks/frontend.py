@@ -1,6 +1,6 @@
 """The runtime's front end and WAV -> label latency, next to the previous implementation, in one run.
 
-    python benchmarks/frontend.py [--width 40] [--repeats 40] [--threads 1 2]
+    python benchmarks/frontend.py [--width 40] [--repeats 40] [--threads 1 2] [--int8 qat|planned]
 
 Everything is one 10-s clip at 44.1 kHz with the DCASE 2021 settings (256 mels, n_fft 2048, hop
 1024), batch 1. The machine this project runs on is shared, so every table is one round-robin loop
@@ -16,7 +16,9 @@ Section 3 compares thread counts, so it is wall time.
    previous ``FastLogMel`` and the current one, with their parity with librosa in float64.
 2. **WAV -> label at 1 thread**: a 16-bit WAV decoded, framed into the model's window, log-mel,
    onnxruntime, softmax, for a random-weight BC-ResNet-Mod (c = ``--width``) exported fp32 and as
-   planned int8 (what ``asc export --int8`` writes). The pipeline is timed stage by stage; the
+   int8: by default the int8 graph ``asc export`` writes for a QAT run (ranges observed on a few
+   clips instead of trained, the same structure and rewrites), with ``--int8 planned`` the planned
+   post-training int8 of ``asc export --int8``. The pipeline is timed stage by stage; the
    previous one (libsndfile's float decode with a channel mean, the previous ``FastLogMel``) runs
    in the same loop, and ``Classifier.classify_file`` on a bundle of the same model checks that
    the staged pipeline is what the runtime does. Front-end share = front-end median over
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import librosa
 import numpy as np
+import onnx
 import onnxruntime as ort
 import scipy.fft
 import scipy.sparse
@@ -49,8 +52,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asc.audio import fit_length, load_audio, write_audio
 from asc.bench import Timing, cpu_line, interleaved, recommend_intra_op_threads
 from asc.bundle_manifest import BundleManifest
-from asc.export.onnx import FEATURE_INPUT, OUTPUT, save_onnx, torch_to_onnx
-from asc.export.precision import PrecisionPlan, quantize_planned
+from asc.compress.quant import observed_int8_graph
+from asc.export.onnx import FEATURE_INPUT, OUTPUT, export_onnx, save_onnx, torch_to_onnx
+from asc.export.precision import (
+    QAT_REWRITES,
+    PrecisionPlan,
+    quantize_planned,
+    rewrite_for_int8,
+)
 from asc.feature_spec import (
     FRONTEND_ARRAYS_NAME,
     FastLogMel,
@@ -118,6 +127,15 @@ def random_model(width: int, features: np.ndarray) -> torch.nn.Module:
         for _ in range(3):
             model(torch.from_numpy(features))
     return model.eval()
+
+
+def qat_int8(model: torch.nn.Module, calibration: list[np.ndarray], work: Path) -> Path:
+    """The int8 file ``asc export`` writes for a QAT run of ``model``, ranges observed on ``calibration``."""
+    example = torch.from_numpy(np.concatenate(calibration[:2]))
+    graph = observed_int8_graph(model, calibration[0].shape[1:], calibration[:4])
+    rewritten, _ = rewrite_for_int8(onnx.load(str(export_onnx(graph, example, work / "qat.onnx",
+                                                                input_name=FEATURE_INPUT))), QAT_REWRITES)
+    return save_onnx(rewritten, work / "int8.onnx")
 
 
 def write_bundle(folder: Path, model: Path, config: FeatureConfig, precision: str, arrays: FrontendArrays) -> Path:
@@ -270,6 +288,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=40, help="BC-ResNet-Mod width c (default 40)")
     parser.add_argument("--repeats", type=int, default=40, help="timed repeats per loop (default 40)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts (default 1 2)")
+    parser.add_argument("--int8", choices=("qat", "planned"), default="qat",
+                        help="int8 model: a QAT run's export (default) or planned post-training int8")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -286,12 +306,16 @@ def main() -> None:
         model = random_model(args.width, np.concatenate(calibration[:4]))
         example = torch.from_numpy(np.concatenate(calibration[:2]))
         fp32 = save_onnx(torch_to_onnx(model, example, input_name=FEATURE_INPUT), work / "fp32.onnx")
-        models = {"fp32": fp32, "int8": quantize_planned(fp32, work / "int8.onnx", calibration, PrecisionPlan())}
+        int8 = (qat_int8(model, calibration, work) if args.int8 == "qat"
+                else quantize_planned(fp32, work / "int8.onnx", calibration, PrecisionPlan()))
+        models = {"fp32": fp32, "int8": int8}
         bundles = {p: write_bundle(work / f"bundle-{p}", path, config, p, arrays) for p, path in models.items()}
         wav = work / "clip.wav"
         write_audio(wav, clip, config.sample_rate, subtype="PCM_16")
+        int8_note = ("a QAT run's export (asc.export.precision.QAT_REWRITES)" if args.int8 == "qat"
+                     else f"quantize_planned(PrecisionPlan()): {PrecisionPlan().describe()}")
         print(f"\nmodel: BC-ResNet-Mod c={args.width}, random weights, input 1x1x{config.n_mels}x"
-              f"{config.num_frames(len(clip))}; int8 = quantize_planned(PrecisionPlan()): {PrecisionPlan().describe()}")
+              f"{config.num_frames(len(clip))}; int8 = {int8_note}")
         wav_to_label(config, arrays, models, bundles, wav, args.repeats)
         thread_table(models, FastLogMel(config, arrays)(clip[None]), args.threads, args.repeats)
 
