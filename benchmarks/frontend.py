@@ -49,11 +49,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from latency import qat_export  # benchmarks/latency.py: the QAT path, ranges observed
+
 from asc.audio import fit_length, load_audio, write_audio
 from asc.bench import Timing, cpu_line, interleaved, recommend_intra_op_threads
 from asc.bundle_manifest import BundleManifest
-from asc.compress.quant import observed_int8_graph
-from asc.export.onnx import FEATURE_INPUT, OUTPUT, export_onnx, save_onnx, torch_to_onnx
+from asc.export.onnx import FEATURE_INPUT, OUTPUT, save_onnx, torch_to_onnx
 from asc.export.precision import (
     QAT_REWRITES,
     PrecisionPlan,
@@ -131,11 +132,8 @@ def random_model(width: int, features: np.ndarray) -> torch.nn.Module:
 
 def qat_int8(model: torch.nn.Module, calibration: list[np.ndarray], work: Path) -> Path:
     """The int8 file ``asc export`` writes for a QAT run of ``model``, ranges observed on ``calibration``."""
-    example = torch.from_numpy(np.concatenate(calibration[:2]))
-    graph = observed_int8_graph(model, calibration[0].shape[1:], calibration[:4])
-    rewritten, _ = rewrite_for_int8(onnx.load(str(export_onnx(graph, example, work / "qat.onnx",
-                                                                input_name=FEATURE_INPUT))), QAT_REWRITES)
-    return save_onnx(rewritten, work / "int8.onnx")
+    exported = qat_export(model, calibration[0].shape[2:], calibration[:4], work / "qat.onnx")
+    return save_onnx(rewrite_for_int8(onnx.load(str(exported)), QAT_REWRITES)[0], work / "int8.onnx")
 
 
 def write_bundle(folder: Path, model: Path, config: FeatureConfig, precision: str, arrays: FrontendArrays) -> Path:

@@ -263,13 +263,13 @@ def _quantized_band_convs(g: _Graph, x: str, scale: np.ndarray, shift: np.ndarra
             or (weight.values == -128).any() or not scale.all()):
         return []
     weight_scale = np.asarray(g.constants[weight.scale], np.float64)
-    return _stacked_band_conv(g, conv, weight.values, weight_scale, scale, shift, output, name,
-                              (source, out_quantizer))
+    return _stacked_band_conv(g, conv, weight.values, weight_scale, scale, shift, output, name, source,
+                              out_quantizer)
 
 
 def _stacked_band_conv(g: _Graph, conv: onnx.NodeProto, codes: np.ndarray, weight_scale: np.ndarray,
-                       scale: np.ndarray, shift: np.ndarray, output: str, name: str,
-                       quantizers: tuple[onnx.NodeProto, onnx.NodeProto]) -> list[onnx.NodeProto]:
+                       scale: np.ndarray, shift: np.ndarray, output: str, name: str, source: onnx.NodeProto,
+                       out_quantizer: onnx.NodeProto) -> list[onnx.NodeProto]:
     """The QAT band convs as one depthwise conv whose channels are (band, channel) pairs.
 
     Each band's rows are sliced with the conv's halo from the neighbouring bands (the outer bands
@@ -285,7 +285,6 @@ def _stacked_band_conv(g: _Graph, conv: onnx.NodeProto, codes: np.ndarray, weigh
         return []
     channels, bands = scale.shape
     freq, kernel, pads, strides, dilations, bias = geometry
-    source, out_quantizer = quantizers
     in_scale, in_zero = source.input[1:3]
     out_scale, out_zero = out_quantizer.input[1:3]
     sign = np.sign(scale.T).reshape(-1, 1, 1, 1)  # band-major, like the stacked channels
