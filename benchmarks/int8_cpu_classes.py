@@ -19,7 +19,8 @@ bookworm``, its .debs unpacked without a second stage, and aarch64 wheels of onn
 and numpy (onnxruntime >= 1.28 segfaults at import under qemu 7.2). With ``--arm64-cpu`` the same
 onnxruntime version also runs natively on x86 (``native-1.27.0``), to tell "another CPU" from
 "another version"; ``--probe-ops`` adds one-op int8 graphs to tell which kernel differs
-(docs/export-latency.md §11). Not part of CI: slow.
+(docs/export-latency.md §11). Not part of CI: slow. The CPU classes run as separate processes,
+``--jobs`` of them at once (default: one per core; each emulated process uses one core).
 
     # a bundle as the runtime runs it (model.onnx and model.ort), on its run's eval clips
     python benchmarks/int8_cpu_classes.py --bundle BUNDLE --clips 200 --qemu-cpu EPYC --arm64-cpu cortex-a53 max
@@ -46,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -511,6 +513,8 @@ def main() -> None:
     parser.add_argument("--debian-mirror", default=DEBIAN_MIRROR)
     parser.add_argument("--probe-ops", action="store_true",
                         help=f"also run one-op int8 graphs ({', '.join(PROBES)}) to find which kernels differ")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="CPU classes run at once, one process each (default: one per core)")
     parser.add_argument("--keep", type=Path, help="keep the files and logits in this folder")
     args = parser.parse_args()
     if args.worker:
@@ -547,7 +551,9 @@ def main() -> None:
         host = host_lscpu()
         print(f"host (lscpu): {host['model']}; " + " ".join(f"{f}={'yes' if v else 'no'}"
                                                           for f, v in host["flags"].items()))
-        seen = {tag: run_worker(folder, tag, prefix, site) for tag, prefix, site in cpus}
+        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:  # each worker is its own process
+            reports = list(pool.map(lambda cpu: run_worker(folder, *cpu), cpus))
+        seen = {tag: report for (tag, _, _), report in zip(cpus, reports)}
         for tag, info in seen.items():
             flags = info["flags"]
             names = ARM64_FLAGS if "asimd" in flags else INT8_FLAGS
