@@ -3,7 +3,7 @@ planned mixed precision), torchao PT2E int8 in torch, at 1 and 2 threads, in one
 
     python benchmarks/latency.py [--width 40] [--prune 0.5] [--repeats 20] [--run RUN_DIR] [--profile]
     python benchmarks/latency.py --bundle BUNDLE [--threads 1 2] [--repeats 30]
-    python benchmarks/latency.py --qat [--width 40] [--threads 1] [--repeats 30]
+    python benchmarks/latency.py --qat [--width 40] [--freq-norm resnorm] [--threads 1] [--repeats 30]
 
 Weights are random (BN statistics from a few forward passes on noise), which is fine for
 latency; agreement on random weights and noise inputs is only a smoke test. ``--run`` adds the
@@ -18,6 +18,8 @@ what its export measured (agreement on held-out clips, the int8 search, the prec
 ``--qat`` puts the model through the repo's QAT path instead (ranges observed on the calibration
 clips, no weight training) and times its int8 QDQ graph before and after each int8-friendly rewrite
 next to ONNX fp32, with each step's logit change against the un-rewritten QAT graph.
+``--freq-norm`` picks the random model's frequency-wise norm (default ``resnorm``, the recipes');
+with ``--qat``, ``none`` bounds what integer norms could buy, since it takes their cost out of both graphs.
 Every run prints the CPU model and its int8 flags first: the ratios are only true of that CPU.
 """
 
@@ -56,13 +58,14 @@ from asc.export.precision import (  # noqa: E402
 from asc.export.verify import compare_logits  # noqa: E402
 from asc.feature_spec import FastLogMel, FeatureConfig  # noqa: E402
 from asc.models import build_model  # noqa: E402
+from asc.models.norms import norm_names  # noqa: E402
 
 CLIP_SECONDS = 10.0
 
 
-def random_model(width: int, shape: tuple[int, int], seed: int = 0) -> torch.nn.Module:
+def random_model(width: int, shape: tuple[int, int], seed: int = 0, freq_norm: str = "resnorm") -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = build_model("bcresnet_mod", 10, width=width, freq_norm="resnorm")
+    model = build_model("bcresnet_mod", 10, width=width, freq_norm=freq_norm)
     model.train()
     with torch.no_grad():
         for _ in range(3):
@@ -237,10 +240,10 @@ last is what ``asc export`` leaves out of QAT graphs (asc.export.precision.QAT_R
 
 
 def qat_table(width: int, shape: tuple[int, int], calibration: list[np.ndarray], feed: np.ndarray, work: Path,
-              thread_counts: list[int], repeats: int, agree_clips: int) -> None:
+              thread_counts: list[int], repeats: int, agree_clips: int, freq_norm: str) -> None:
     """ONNX fp32 against the QAT int8 graph before and after the rewrites, round-robin per thread count."""
     start = time.perf_counter()
-    model = random_model(width, shape)
+    model = random_model(width, shape, freq_norm=freq_norm)
     fp32 = save_onnx(torch_to_onnx(model, torch.from_numpy(np.concatenate(calibration[:2])), input_name="log_mel"),
                      work / "fp32.onnx")
     qat = qat_export(model, shape, calibration[:4], work / "qat.onnx")
@@ -340,6 +343,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-op-type kernel time, fp32 vs int8 (1 thread)")
     parser.add_argument("--steps", action="store_true", help="time the rewrites one by one (cumulative, 1 thread)")
     parser.add_argument("--bundle", type=Path, help="time this bundle's model against its run's fp32 graph, only")
+    parser.add_argument("--freq-norm", default="resnorm", choices=norm_names("freq"),
+                        help="the random model's frequency-wise norm (none: a bound on what integer norms could buy)")
     parser.add_argument("--qat", action="store_true",
                         help="time the QAT int8 graph before and after the int8 rewrites against ONNX fp32, only")
     args = parser.parse_args()
@@ -355,21 +360,21 @@ def main() -> None:
     calibration = [log_mel_like(1, shape, seed) for seed in range(args.calibration)]
     feed = log_mel_like(1, shape, seed=1000)
     if args.qat:
-        print(f"BC-ResNet-Mod c={args.width}, random weights through QAT range observation, input "
-              f"1x1x{shape[0]}x{shape[1]}, torch {torch.__version__}")
+        print(f"BC-ResNet-Mod c={args.width}, freq_norm {args.freq_norm}, random weights through QAT range "
+              f"observation, input 1x1x{shape[0]}x{shape[1]}, torch {torch.__version__}")
         with tempfile.TemporaryDirectory(prefix="asc-latency-") as tmp:
             qat_table(args.width, shape, calibration, feed, Path(tmp), args.threads, args.repeats,
-                      min(args.agree_clips, 16))
+                      min(args.agree_clips, 16), args.freq_norm)
         return
     plan = PrecisionPlan()
-    print(f"BC-ResNet-Mod c={args.width}, random weights, input 1x1x{shape[0]}x{shape[1]} ({CLIP_SECONDS:g}-s clip "
-          f"at {features.sample_rate} Hz), onnxruntime {ort.__version__}, torch {torch.__version__}")
+    print(f"BC-ResNet-Mod c={args.width}, freq_norm {args.freq_norm}, random weights, input 1x1x{shape[0]}x{shape[1]} "
+          f"({CLIP_SECONDS:g}-s clip at {features.sample_rate} Hz), onnxruntime {ort.__version__}, torch {torch.__version__}")
     print(f"planned int8: {plan.describe()}")
 
     with tempfile.TemporaryDirectory(prefix="asc-latency-") as tmp:
         work = Path(tmp)
         start = time.perf_counter()
-        model = random_model(args.width, shape)
+        model = random_model(args.width, shape, freq_norm=args.freq_norm)
         models = {"": model}
         if args.prune > 0:
             models[f"pruned {args.prune:g} "] = prune_channels(model, torch.from_numpy(feed), args.prune).eval()
