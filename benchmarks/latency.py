@@ -368,7 +368,8 @@ def main() -> None:
         return
     plan = PrecisionPlan()
     print(f"BC-ResNet-Mod c={args.width}, freq_norm {args.freq_norm}, random weights, input 1x1x{shape[0]}x{shape[1]} "
-          f"({CLIP_SECONDS:g}-s clip at {features.sample_rate} Hz), onnxruntime {ort.__version__}, torch {torch.__version__}")
+          f"({CLIP_SECONDS:g}-s clip at {features.sample_rate} Hz), onnxruntime {ort.__version__}, "
+          f"torch {torch.__version__}")
     print(f"planned int8: {plan.describe()}")
 
     with tempfile.TemporaryDirectory(prefix="asc-latency-") as tmp:

@@ -263,9 +263,6 @@ def test_resume_from_state_dicts_is_exact(trained):
     assert not torch.equal(results[0][1], scales(trained.qat))  # the observers did update
 
 
-# ------------------------------------------------------------------------------ finalize and ONNX
-
-
 def test_copying_a_qat_model_prints_no_deprecation_from_inside_torch():
     """Checkpoints and conversion deep-copy the exported graph, where torch 2.13 warns from copyreg.
 
@@ -277,6 +274,9 @@ def test_copying_a_qat_model_prints_no_deprecation_from_inside_torch():
     result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------------------ finalize and ONNX
 
 
 @pytest.fixture(scope="module")
