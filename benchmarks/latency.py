@@ -17,15 +17,17 @@ model against the fp32 graph of the run it came from, side by side per thread co
 what its export measured (agreement on held-out clips, the int8 search, the precision decision).
 ``--qat`` puts the model through the repo's QAT path instead (ranges observed on the calibration
 clips, no weight training) and times its int8 QDQ graph before and after each int8-friendly rewrite
-next to ONNX fp32, with each step's logit change against the un-rewritten QAT graph.
-``--freq-norm`` picks the random model's frequency-wise norm (default ``resnorm``, the recipes');
-with ``--qat``, ``none`` bounds what integer norms could buy, since it takes their cost out of both graphs.
+next to ONNX fp32, with each step's logit change against the un-rewritten QAT graph, plus the shipped
+graph with its frequency-wise norms bypassed (``norms_cut_out``: wrong logits, only the time the
+norms' float passes cost, so the bound on what integer norms could buy). ``--freq-norm`` picks the
+random model's frequency-wise norm (default ``resnorm``, the recipes').
 Every run prints the CPU model and its int8 flags first: the ratios are only true of that CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -51,6 +53,7 @@ from asc.export.precision import (  # noqa: E402
     QAT_REWRITES,
     REWRITES,
     PrecisionPlan,
+    node_groups,
     plan_precision,
     quantize_planned,
     rewrite_for_int8,
@@ -229,14 +232,60 @@ def qat_export(model: torch.nn.Module, shape: tuple[int, int], calibration: list
                        torch.from_numpy(np.concatenate(calibration[:2])), path, input_name="log_mel")
 
 
+SHIPPED = "  + freq mean as int8 conv (asc export)"
 QAT_STEPS: dict[str, tuple[str, ...]] = {
     "QAT int8 + stacked int8 band conv": ("subspectral_bands",),
     "  + stem space-to-depth": ("subspectral_bands", "stem_space_to_depth"),
-    "  + freq mean as int8 conv (asc export)": QAT_REWRITES,
+    SHIPPED: QAT_REWRITES,
     "  + norm affine on input (not exported)": REWRITES,
 }
 """Cumulative rewrites of a QAT graph, each exact in real arithmetic (docs/export-latency.md §16-18); the
 last is what ``asc export`` leaves out of QAT graphs (asc.export.precision.QAT_REWRITES)."""
+
+
+NORMS_CUT = "  shipped with norms cut (timing only)"
+
+
+def norms_cut_out(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``model`` with each frequency-wise norm bypassed: a timing bound, not a model (its logits are wrong).
+
+    The codes that enter a norm go straight to what read its quantized output (through the MaxPool
+    where one follows the norm), so every float pass of the norms (dequantize, statistics, affine,
+    quantize) is gone: what integer norms could save at most. Returns the graph and the norms cut.
+    """
+    model = copy.deepcopy(model)
+    nodes = model.graph.node
+    producer = {output: node for node in nodes for output in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in nodes:
+        for name in node.input:
+            readers[name].append(node)
+    norm_output = set(node_groups(model).get("norm_output", []))
+    cut = 0
+    for add in [node for node in nodes if node.name in norm_output and node.op_type == "Add"]:
+        after = readers[add.output[0]]
+        pool = after[0] if [n.op_type for n in after] == ["MaxPool"] else None
+        quantizers = [n for n in readers[(pool or add).output[0]] if n.op_type == "QuantizeLinear"]
+        shifted = producer[producer[add.input[0]].input[0]]  # Add(Mul(Sub(x, shift), scale), offset)
+        if len(quantizers) != 1 or shifted.op_type != "Sub":
+            continue
+        source = producer.get(shifted.input[0])
+        if source is None:  # the input norm reads the float graph input: quantize that directly
+            quantizers[0].input[0] = shifted.input[0]
+        else:
+            codes = source.input[0]  # the DequantizeLinear's uint8 input
+            if pool is not None:
+                pool.input[0], codes = codes, pool.output[0]
+            for node in nodes:
+                node.input[:] = [codes if name == quantizers[0].output[0] else name for name in node.input]
+        cut += 1
+    used = {output.name for output in model.graph.output}
+    for node in reversed(list(nodes)):  # drop what no longer feeds an output (the graph is topologically sorted)
+        if any(output in used for output in node.output):
+            used.update(node.input)
+        else:
+            nodes.remove(node)
+    return model, cut
 
 
 def qat_table(width: int, shape: tuple[int, int], calibration: list[np.ndarray], feed: np.ndarray, work: Path,
@@ -252,6 +301,10 @@ def qat_table(width: int, shape: tuple[int, int], calibration: list[np.ndarray],
         rewritten, report = rewrite_for_int8(onnx.load(str(qat)), rewrites)
         paths[name] = save_onnx(rewritten, work / f"qat_step{i}.onnx")
         print(f"{name.strip()}: {report.applied}")
+    cut_model, cut = norms_cut_out(onnx.load(str(paths[SHIPPED])))
+    if cut:
+        paths[NORMS_CUT] = save_onnx(cut_model, work / "qat_norms_cut.onnx")
+        print(f"{NORMS_CUT.strip()}: {cut} norms bypassed")
     print(f"(QAT graph built and rewritten in {time.perf_counter() - start:.0f} s)")
     for threads in thread_counts:
         sessions = {name: ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
@@ -344,7 +397,7 @@ def main() -> None:
     parser.add_argument("--steps", action="store_true", help="time the rewrites one by one (cumulative, 1 thread)")
     parser.add_argument("--bundle", type=Path, help="time this bundle's model against its run's fp32 graph, only")
     parser.add_argument("--freq-norm", default="resnorm", choices=norm_names("freq"),
-                        help="the random model's frequency-wise norm (none: a bound on what integer norms could buy)")
+                        help="the random model's frequency-wise norm (default: resnorm, the recipes')")
     parser.add_argument("--qat", action="store_true",
                         help="time the QAT int8 graph before and after the int8 rewrites against ONNX fp32, only")
     args = parser.parse_args()
