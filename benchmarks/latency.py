@@ -267,17 +267,14 @@ def norms_cut_out(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         pool = after[0] if [n.op_type for n in after] == ["MaxPool"] else None
         quantizers = [n for n in readers[(pool or add).output[0]] if n.op_type == "QuantizeLinear"]
         shifted = producer[producer[add.input[0]].input[0]]  # Add(Mul(Sub(x, shift), scale), offset)
-        if len(quantizers) != 1 or shifted.op_type != "Sub":
+        dequantize = producer.get(shifted.input[0])  # the input norm's x is the float log-mel: it is not tagged
+        if len(quantizers) != 1 or dequantize is None or dequantize.op_type != "DequantizeLinear":
             continue
-        source = producer.get(shifted.input[0])
-        if source is None:  # the input norm reads the float graph input: quantize that directly
-            quantizers[0].input[0] = shifted.input[0]
-        else:
-            codes = source.input[0]  # the DequantizeLinear's uint8 input
-            if pool is not None:
-                pool.input[0], codes = codes, pool.output[0]
-            for node in nodes:
-                node.input[:] = [codes if name == quantizers[0].output[0] else name for name in node.input]
+        codes = dequantize.input[0]
+        if pool is not None:
+            pool.input[0], codes = codes, pool.output[0]
+        for node in nodes:
+            node.input[:] = [codes if name == quantizers[0].output[0] else name for name in node.input]
         cut += 1
     used = {output.name for output in model.graph.output}
     for node in reversed(list(nodes)):  # drop what no longer feeds an output (the graph is topologically sorted)
