@@ -62,6 +62,7 @@ from asc.export.verify import compare_logits  # noqa: E402
 from asc.feature_spec import FastLogMel, FeatureConfig  # noqa: E402
 from asc.models import build_model  # noqa: E402
 from asc.models.norms import norm_names  # noqa: E402
+from asc.onnx_graph import prune_dead_nodes, tensor_consumers, tensor_producers  # noqa: E402
 
 CLIP_SECONDS = 10.0
 
@@ -255,17 +256,13 @@ def norms_cut_out(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """
     model = copy.deepcopy(model)
     nodes = model.graph.node
-    producer = {output: node for node in nodes for output in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in nodes:
-        for name in node.input:
-            readers[name].append(node)
+    producer, readers = tensor_producers(model.graph), tensor_consumers(model.graph)
     norm_output = set(node_groups(model).get("norm_output", []))
     cut = 0
     for add in [node for node in nodes if node.name in norm_output and node.op_type == "Add"]:
-        after = readers[add.output[0]]
+        after = readers.get(add.output[0], [])
         pool = after[0] if [n.op_type for n in after] == ["MaxPool"] else None
-        quantizers = [n for n in readers[(pool or add).output[0]] if n.op_type == "QuantizeLinear"]
+        quantizers = [n for n in readers.get((pool or add).output[0], []) if n.op_type == "QuantizeLinear"]
         shifted = producer[producer[add.input[0]].input[0]]  # Add(Mul(Sub(x, shift), scale), offset)
         dequantize = producer.get(shifted.input[0])  # the input norm's x is the float log-mel: it is not tagged
         if len(quantizers) != 1 or dequantize is None or dequantize.op_type != "DequantizeLinear":
@@ -276,12 +273,7 @@ def norms_cut_out(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         for node in nodes:
             node.input[:] = [codes if name == quantizers[0].output[0] else name for name in node.input]
         cut += 1
-    used = {output.name for output in model.graph.output}
-    for node in reversed(list(nodes)):  # drop what no longer feeds an output (the graph is topologically sorted)
-        if any(output in used for output in node.output):
-            used.update(node.input)
-        else:
-            nodes.remove(node)
+    prune_dead_nodes(model.graph)
     return model, cut
 
 
