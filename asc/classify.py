@@ -11,7 +11,6 @@ or (``device="auto"``) by the model of the device its TAU-style name ends with.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -27,7 +26,7 @@ from asc.bundle_manifest import MANIFEST_NAME, BundleManifest
 from asc.data.clips import UNKNOWN_DEVICE
 from asc.data.tau import segment_and_device
 from asc.errors import AscError, ConfigError
-from asc.run_files import deployed_file
+from asc.run_files import DIGEST_KEY, deployed_file, file_digest
 from asc.runtime import Classifier, ClipResult, Prediction
 
 OutputFormat = Literal["table", "json", "csv"]
@@ -93,17 +92,6 @@ def find_audio_files(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path
         else:
             failures.append(Failure(str(path), f"{path}: no such file or folder; check the path"))
     return files, failures
-
-
-DIGEST_KEY = "checkpoint_sha256"
-"""``bundle.json`` ``source`` key: SHA-256 of the file the exporter read the model from
-(:func:`asc.run_files.deployed_file`), which tells a stale bundle from a current one exactly."""
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, hex: what the exporter records as ``source.checkpoint_sha256``."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def stale_bundle(run_dir: str | os.PathLike[str], bundle_dir: str | os.PathLike[str]) -> str | None:

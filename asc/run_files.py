@@ -8,6 +8,7 @@ side (``asc classify RUN`` telling a stale bundle from a current one) must read 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -15,6 +16,9 @@ FINALIZED_NAME = "finalized.pt2"
 """The deployable module of a compressed run, as a ``torch.export`` program (no pickled code)."""
 FLOAT_CHECKPOINT = "float"
 """A compressed run's float twin of its finalized module (``checkpoints/float.pt``)."""
+DIGEST_KEY = "checkpoint_sha256"
+"""``bundle.json`` ``source`` key: SHA-256 of the run's deployed file as the exporter read it, which
+tells a stale bundle from a current one exactly, whatever the file times say."""
 
 
 def checkpoint_file(run_dir: str | os.PathLike[str], checkpoint: str) -> Path:
@@ -32,6 +36,12 @@ def deployed_file(run_dir: str | os.PathLike[str], checkpoint: str = "last") -> 
     if checkpoint == "last" and is_compressed(run_dir):
         return Path(run_dir) / FINALIZED_NAME
     return checkpoint_file(run_dir, checkpoint)
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, hex: what the exporter records under :data:`DIGEST_KEY`."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def trainable_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str = "last") -> str:

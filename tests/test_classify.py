@@ -26,16 +26,14 @@ from onnx import TensorProto, helper, numpy_helper
 from asc.bundle_manifest import BundleManifest
 from asc.classify import (
     AUDIO_EXTENSIONS,
-    DIGEST_KEY,
     classify_paths,
-    file_digest,
     find_audio_files,
     format_results,
     stale_bundle,
 )
 from asc.errors import ConfigError
 from asc.feature_spec import FRONTEND_ARRAYS_NAME, FeatureConfig, FrontendArrays
-from asc.run_files import FINALIZED_NAME, deployed_file
+from asc.run_files import DIGEST_KEY, FINALIZED_NAME, deployed_file, file_digest
 from asc.runtime import Classifier, ClipResult
 
 RATE = 16000

@@ -12,6 +12,8 @@ import pytest
 from asc.audio import write_audio
 from asc.cli import main
 from asc.config import RunConfig, load_config
+from asc.run_files import DIGEST_KEY, file_digest
+from asc.train.checkpoint import load_checkpoint, save_checkpoint
 from asc.train.loop import train_or_resume
 
 
@@ -50,9 +52,17 @@ def test_classify_a_run_exports_once_and_reports_bad_files(run: Path, recordings
     assert "exporting" in captured.err and (run / "bundle" / "bundle.json").is_file()
     assert main(["classify", str(run), str(recordings / "short-8k.wav"), "-q"]) == 0
     assert "exporting" not in capsys.readouterr().err  # the bundle is reused
-    os.utime(run / "checkpoints" / "last.pt")  # the run trained further: its cached bundle is stale
+    checkpoint = run / "checkpoints" / "last.pt"
+    exported = json.loads((run / "bundle" / "bundle.json").read_text())["source"][DIGEST_KEY]
+    assert exported == file_digest(checkpoint)  # the export recorded what it read
+    os.utime(checkpoint)  # a newer file time with the same bytes: the bundle still holds the run's model
     assert main(["classify", str(run), str(recordings / "short-8k.wav"), "-q"]) == 0
-    assert "holds an older model than" in capsys.readouterr().err
+    assert "exporting" not in capsys.readouterr().err
+    state = load_checkpoint(checkpoint)
+    save_checkpoint({**state, "epoch": state["epoch"] + 1}, checkpoint)  # the run trained further: stale
+    assert main(["classify", str(run), str(recordings / "short-8k.wav"), "-q"]) == 0
+    assert "its digest changed since the export" in capsys.readouterr().err
+    assert json.loads((run / "bundle" / "bundle.json").read_text())["source"][DIGEST_KEY] == file_digest(checkpoint)
 
 
 @pytest.mark.slow

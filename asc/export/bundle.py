@@ -83,6 +83,7 @@ from asc.export.verify import (
 from asc.feature_spec import FRONTEND_ARRAYS_NAME, FrontendArrays
 from asc.features import FeatureConfig, LogMel
 from asc.models import FreqNorm
+from asc.run_files import DIGEST_KEY, deployed_file, file_digest
 from asc.train.data import clipset_devices, make_dataset, open_clipset, split_clips
 from asc.train.evaluate import load_run_model
 
@@ -109,6 +110,9 @@ class TrainedRun:
     config: RunConfig
     model: nn.Module
     state: dict[str, Any]
+    digest: str
+    """SHA-256 of the run's deployed file (:func:`asc.run_files.deployed_file`) when the model was read:
+    ``asc classify RUN`` compares it to tell a stale bundle."""
 
     @property
     def features(self) -> FeatureConfig:
@@ -142,7 +146,7 @@ def open_run(run_dir: str | Path, checkpoint: str = "last") -> TrainedRun:
         raise AscError(f"{run_dir / 'checkpoints' / (checkpoint + '.pt')}: checkpoint lacks {missing}; "
                        "it was written by an incompatible asc version, retrain the run")
     config = load_config(RunConfig, run_dir / "config.yaml")
-    return TrainedRun(run_dir, checkpoint, config, model, state)
+    return TrainedRun(run_dir, checkpoint, config, model, state, file_digest(deployed_file(run_dir, checkpoint)))
 
 
 def run_clipset(run: TrainedRun, *, progress: bool = True) -> ClipSet:
@@ -456,7 +460,7 @@ def _manifest(run: TrainedRun, precision: str, in_graph: bool, report: ParityRep
         },
         source={
             "run": str(run.run_dir.resolve()), "checkpoint": run.checkpoint, "epoch": run.state.get("epoch"),
-            "model": run.state["model_spec"], "quantization": quantization,
+            "model": run.state["model_spec"], DIGEST_KEY: run.digest, "quantization": quantization,
             "calibration_clips": calibration_clips, "int8_operands": int8,
             "precision_decision": decision, "int8_search": search.to_dict() if search else None,
         },

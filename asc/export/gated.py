@@ -75,7 +75,7 @@ from asc.personalize import (
     logits,
     prune_graph,
 )
-from asc.run_files import FLOAT_CHECKPOINT
+from asc.run_files import FLOAT_CHECKPOINT, deployed_file, file_digest
 from asc.train.checkpoint import load_checkpoint
 
 PLAN_FILE = "compress.yaml"
@@ -117,7 +117,8 @@ def open_gated_run(run_dir: str | Path) -> TrainedRun:
     except RuntimeError as error:
         raise AscError(f"{run_dir / 'checkpoints' / 'last.pt'}: does not fit the gated network "
                        f"({str(error).splitlines()[0]}); re-run the compression") from None
-    return replace(run, checkpoint="last", model=model.eval())
+    digest = file_digest(deployed_file(run_dir, "last"))  # what `asc classify RUN` compares, as for any bundle
+    return replace(run, checkpoint="last", model=model.eval(), digest=digest)
 
 
 def gated_onnx(model: nn.Module, example: Tensor, scratch: Path, *,
