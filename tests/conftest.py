@@ -82,9 +82,11 @@ def micirp_dir(shared_data: Path) -> Path:
 # built on it fails with ImportError.
 _NO_TORCH = (
     "import sys\n"
+    "BLOCKED = []\n"  # every import of torch tried, even one guarded by `except ImportError`
     "class NoTorch:\n"
     "    def find_spec(self, name, path=None, target=None):\n"
     "        if name.split('.')[0] in ('torch', 'torchao', 'torch_pruning'):\n"
+    "            BLOCKED.append(name)\n"
     "            raise ImportError(name + ' is blocked')\n"
     "sys.meta_path.insert(0, NoTorch())\n"
 )
@@ -95,7 +97,9 @@ def without_torch():
     """Run Python source (with ``sys.argv`` extras) in a fresh interpreter where torch cannot be imported.
 
     Deployment machines have onnxruntime, numpy and soundfile but no torch; the torch-free
-    modules prove it this way. Returns the completed process (stdout, stderr, returncode).
+    modules prove it this way. The script's global ``BLOCKED`` lists every torch import that was
+    tried, also one a module guards with ``except ImportError``. Returns the completed process
+    (stdout, stderr, returncode).
     """
 
     def run(code: str, *args: object) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,9 @@ import onnx
 import pytest
 import torch
 
+from asc.bench import Timing
 from asc.errors import ConfigError
+from asc.export import precision
 from asc.export.onnx import (
     INT16_PAIR_LIMIT,
     Int8Options,
@@ -28,6 +30,7 @@ from asc.export.precision import (
     GROUPS,
     NAIVE_PLAN,
     PlanMeasurement,
+    PlanReport,
     PrecisionPlan,
     _next_step,
     node_groups,
@@ -187,8 +190,9 @@ def test_int8_files_compute_the_same_on_every_x86_cpu(exported: Path, tmp_path: 
     x = _inputs(64, seed=11)
     integer, meaning = run_onnx(path, x), run_onnx(path, x, fused=False)
     scale = float(np.abs(meaning).max())
-    assert scale > 0.5 and np.abs(integer - meaning).max() < 0.01 * scale  # measured 0 on AMX and emulated AVX2
-    assert (integer.argmax(1) == meaning.argmax(1)).all()
+    # measured 0 on AMX and emulated AVX2; decisions may differ only where the top two logits are
+    # within 0.02 * scale, so their equality is not asserted: a near-tie would make it the CPU's call
+    assert scale > 0.5 and np.abs(integer - meaning).max() < 0.01 * scale
 
     eight = quantize_planned(exported, tmp_path / "int8_w8.onnx", calibration, PrecisionPlan(weight_bits=8))
     record = int8_operands(eight)
@@ -260,15 +264,33 @@ def test_plan_precision_measures_and_chooses(exported: Path, tmp_path: Path) -> 
         if candidate.plan is not None:
             assert candidate.agreement is not None and candidate.agreement.clips == 12
             assert 0.0 <= candidate.agreement.top1_agreement <= 1.0
-    accepted = [c for c in report.candidates if c.plan is not None and c.accepted(0.5)]
-    if report.int8_wins:
-        assert report.chosen.ratio == min(c.ratio for c in accepted) and report.chosen.ratio < 1.0
-    else:
-        assert report.chosen.name == "fp32" and all(c.ratio >= 1.0 for c in accepted)
     text = report.format()
     assert "fp32" in text and "naive" in text
     with pytest.raises(ConfigError, match="min_agreement"):
         plan_precision(path, [_inputs(1)], _inputs(1), min_agreement=1.5)
+
+
+def test_plan_precision_ships_the_fastest_plan_and_fp32_when_none_beats_it(exported: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice, with the timings fixed (the graphs still run, and the bar is 0, so the CPU's
+    speed and int8 rounding cannot move the verdict)."""
+    def timed(medians: dict[str, float]):
+        def interleaved(calls, repeats):
+            for call in calls.values():
+                call()
+            return {name: Timing(medians.get(name, medians["other"]), 0.0, repeats) for name in calls}
+        return interleaved
+
+    def choose() -> PlanReport:
+        return plan_precision(exported, [_inputs(4, seed=s) for s in range(2)], _inputs(4, seed=9), rounds=1,
+                              repeats=1, min_agreement=0.0, work_dir=tmp_path)
+
+    monkeypatch.setattr(precision, "interleaved", timed({"fp32": 10.0, "naive": 9.0, "start": 6.0, "other": 8.0}))
+    report = choose()  # no move is 3 % faster than the start, so the start is the fastest plan
+    assert report.int8_wins and report.chosen.name == "start" and report.chosen.ratio == pytest.approx(0.6)
+    monkeypatch.setattr(precision, "interleaved", timed({"fp32": 5.0, "other": 6.0}))
+    report = choose()
+    assert not report.int8_wins and report.chosen.name == "fp32" and report.chosen.plan is None
 
 
 def _measured(name: str, ratio: float, agreement: float | None) -> PlanMeasurement:
