@@ -26,7 +26,7 @@ from typing import Any, Literal
 import asc
 from asc.errors import AscError
 from asc.feature_spec import FeatureConfig
-from asc.io import default_mode
+from asc.io import default_mode, make_dir
 
 BUNDLE_FORMAT = 1
 MANIFEST_NAME = "bundle.json"
@@ -190,7 +190,7 @@ def check_destination(out_dir: Path) -> None:
 @contextmanager
 def atomic_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a hidden sibling folder; on success it replaces ``out_dir`` (kept as is on failure)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir.parent)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     stage.chmod(default_mode(directory=True))  # mkdtemp makes it private; a bundle is meant to be shared
     try:

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
-from asc.config import RunConfig, save_yaml, to_dict
+from asc.config import RunConfig, load_config, save_yaml, to_dict
 from asc.data.source import dataset_clips, detect_format
 from asc.data.splits import fold_order
-from asc.errors import ConfigError
-from asc.io import atomic_write_json, atomic_write_text
+from asc.errors import AscError, ConfigError
+from asc.io import atomic_write_json, atomic_write_text, make_dir
 from asc.train.data import dataset_root, open_clipset
 from asc.train.evaluate import Predictions, predict_run
 from asc.train.loop import train_or_resume
@@ -88,12 +88,23 @@ def cv_folds(config: RunConfig) -> list[str]:
     return folds
 
 
+def _check_destination(out_dir: Path, config: RunConfig) -> None:
+    """Refuse a training run's folder, or a cross-validation of other settings (never overwritten)."""
+    if (out_dir / "checkpoints").is_dir():
+        raise AscError(f"{out_dir}: is a training run's folder; choose another --out for the cross-validation")
+    saved = out_dir / "config.yaml"
+    if saved.is_file() and to_dict(load_config(RunConfig, saved)) != to_dict(config):
+        raise AscError(f"{out_dir}: holds a cross-validation with other settings; choose another --out, delete it, "
+                       "or repeat the same settings")
+
+
 def cross_validate(config: RunConfig, out_dir: Path, *, progress: bool = True) -> CVResult:
     """Train (or resume, or skip) one run per held-out fold into ``out_dir/fold-N`` and write
     ``cv.json``, ``cv.md`` and ``oof_predictions.csv`` (the fold each clip was tested in)."""
     out_dir = Path(out_dir)
     folds = cv_folds(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_destination(out_dir, config)
+    make_dir(out_dir)
     save_yaml(to_dict(config), out_dir / "config.yaml")
     results = []
     for fold in folds:

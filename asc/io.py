@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash or a kill never leaves a half-written checkpoint, report or bundle.
+"""Output folders and atomic file writes: a crash or a kill never leaves a half-written checkpoint,
+report or bundle, and an output path that cannot be a folder is one error naming it.
 
 Files end up with the permissions any other new file of the user gets (0644 under the usual umask
 022), not the private 0600 of a temporary file, so colleagues on a shared server can read runs.
@@ -13,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from asc.errors import AscError
 
 
 def _umask() -> int:
@@ -32,6 +35,18 @@ def _umask() -> int:
 def default_mode(*, directory: bool = False) -> int:
     """The mode ``open``/``mkdir`` would give a new file or folder under the process's umask."""
     return (0o777 if directory else 0o666) & ~_umask()
+
+
+def make_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a folder, made with its parents; one :class:`AscError` naming it when it cannot be
+    (a file is in the way, no permission, a read-only disk)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AscError(f"{path}: cannot make this folder ({error.strerror or error}); "
+                       "choose another output folder") from None
+    return path
 
 
 @contextmanager

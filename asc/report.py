@@ -14,7 +14,7 @@ from typing import Any
 
 from asc import __version__
 from asc.data.clips import UNKNOWN_DEVICE
-from asc.io import atomic_path, atomic_write_json, atomic_write_text
+from asc.io import atomic_path, atomic_write_json, atomic_write_text, make_dir
 from asc.train.metrics import Metrics, Score
 
 
@@ -132,8 +132,7 @@ def write_report(out_dir: Path, metrics: Metrics, *, history: list[dict[str, Any
     """Write ``report.json``, ``report.md`` and the plots into ``out_dir``."""
     from asc.config import to_dict
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir)
     metrics = without_unknown_devices(metrics)
     plots = write_plots(metrics, out_dir)
     payload = {"asc_version": __version__, "metrics": metrics.to_dict(), **(extra or {}),

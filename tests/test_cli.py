@@ -42,6 +42,20 @@ def test_synth_refuses_a_foreign_folder(tmp_path: Path):
     assert "Traceback" not in result.stderr
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder should go")
+    result = run("data", "synth", str(blocker / "corpus"), "--preset", "tiny", "--quiet")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"asc: error: {blocker / 'corpus'}: cannot make this folder (Not a directory); "
+                                     "choose another output folder")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)  # a report written there would replace the run's own
+    assert main(["evaluate", str(tmp_path / "other"), "--out", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip() == (f"asc: error: {run_dir}: is a run or bundle folder, whose report the "
+                                               "evaluation would replace; give --out a folder of its own")
+
+
 def test_check_names_a_missing_meta_file(tmp_path: Path, tau_fixtures: Path):
     root = tmp_path / "dev"
     shutil.copytree(tau_fixtures / "tau2020uas_mobile" / "TAU-urban-acoustic-scenes-2020-mobile-development", root)

@@ -201,6 +201,11 @@ def test_pqk_stage_writes_a_finalized_int8_run(trained_run: Path, capsys):
     assert run_complexity(out).nonzero_bytes == size["nonzero_bytes"]
     assert compress_run(trained_run, out, ["pqk"], ["train.epochs=2", "optim.lr=0.01", "pqk.sparsity=0.8",
                                                     "pqk.freeze_bn_epochs=1"], progress=False) == "finished"
+    assert main(["compress", str(trained_run), "--method", "pqk", "--out", str(out), "-q", "train.epochs=2",
+                 "optim.lr=0.01", "pqk.sparsity=0.5", "pqk.freeze_bn_epochs=1"]) == 2  # another sparsity
+    assert capsys.readouterr().err.strip() == (f"asc: error: {out}: holds a finished compression with other settings "
+                                               "(source, methods or overrides); choose another --out, delete it, "
+                                               "or repeat the same command")
     # `asc export` ships it as int8 without being asked; its biases sit on the kernels' int32 grid, so
     # onnxruntime computes what torch evaluated (max |dlogit| 0.004 on an AVX-512 Xeon; the float
     # norms may round a last bit differently on another CPU, hence --force and bounds, not equality)

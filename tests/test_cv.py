@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ import pytest
 from test_datasets import CLASSES, write_esc, write_folders
 
 from asc.cli import main
-from asc.config import RunConfig, load_config
+from asc.config import RunConfig, load_config, to_dict
 from asc.cv import cross_validate
+from asc.errors import AscError
+from asc.train.loop import train_or_resume
 
 
 @pytest.mark.slow
@@ -62,6 +65,20 @@ def test_esc50_layout_cross_validates_and_resumes(tmp_path: Path, tiny_overrides
     again = cross_validate(config, out, progress=False)
     assert [r.status for r in again.folds] == ["finished", "finished", "finished", "resumed", "trained"]
     assert again.to_dict()["folds"]["1"] == summary["folds"]["1"]
+
+    # other settings into the same folder are refused, not answered with the old folds' table
+    epochs = config.train.epochs + 1
+    assert main(["cv", "--out", str(out), "--quiet", *options, f"train.epochs={epochs}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"asc: error: {out}: holds a cross-validation with other settings; "
+                                               "choose another --out, delete it, or repeat the same settings")
+    assert to_dict(load_config(RunConfig, out / "config.yaml")) == to_dict(config)  # untouched
+    fold = load_config(RunConfig, out / "fold-1" / "config.yaml")
+    assert train_or_resume(fold, out / "fold-1", progress=False) == "finished"
+    with pytest.raises(AscError, match="fold-1: holds a finished run with other settings"):
+        train_or_resume(replace(fold, train=replace(fold.train, epochs=epochs)), out / "fold-1", progress=False)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert main(["cv", "--out", str(tmp_path / "run"), "--quiet", *options]) == 2
+    assert "is a training run's folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ from asc.config import (
 )
 from asc.errors import AscError, ConfigError
 from asc.features import FeatureConfig
+from asc.io import make_dir
 from asc.models.resize import channel_spec
 from asc.run_files import (
     FINALIZED_NAME,
@@ -150,14 +151,16 @@ def compress_run(source: Path, out: Path, methods: Sequence[str], overrides: Seq
     context = StageContext(source, (1, features.n_mels, frames), config.train.epochs)
     built = build_methods(methods, options, context)
     plan = _plan(source, built, overrides)
-    if (out / FINALIZED_NAME).is_file():
-        return "finished"
+    finished = (out / FINALIZED_NAME).is_file()
     resume = (out / "checkpoints" / "last.pt").is_file()
-    if resume and read_yaml(out / PLAN_NAME) != plan:
-        raise AscError(f"{out}: holds a stopped compression with other settings; delete it or resume it with the "
-                       f"same methods and overrides")
+    if (finished or resume) and read_yaml(out / PLAN_NAME) != plan:
+        state = "finished" if finished else "stopped"
+        raise AscError(f"{out}: holds a {state} compression with other settings (source, methods or overrides); "
+                       "choose another --out, delete it, or repeat the same command")
+    if finished:
+        return "finished"
     fresh = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     save_yaml(plan, out / PLAN_NAME)
 
     def start_model(num_classes: int) -> nn.Module:

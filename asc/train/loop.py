@@ -32,7 +32,7 @@ from asc.config import OptimizerName, RunConfig, save_yaml, to_dict
 from asc.data.loader import ClipDataset, DeviceBalancedSampler, make_loader
 from asc.errors import AscError, ConfigError
 from asc.features import LogMel
-from asc.io import atomic_write_text
+from asc.io import atomic_write_text, make_dir
 from asc.models import build_model
 from asc.models.registry import feature_taps
 from asc.train import distributed
@@ -524,7 +524,7 @@ class Trainer:
         """Train to ``train.epochs`` (continuing from ``checkpoints/last.pt`` when resuming)."""
         fresh = not resume and not self.run_dir.exists()
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(self.run_dir)
             save_yaml(to_dict(self.config), self.run_dir / "config.yaml")
         try:
             self._setup()
@@ -597,18 +597,19 @@ def train_or_resume(config: RunConfig, run_dir: Path, *, hooks: Sequence[TrainHo
                     progress: bool = True) -> str:
     """Train into ``run_dir`` idempotently: skip a finished run, resume a stopped one, else start.
 
-    Returns "finished", "resumed" or "trained". A stopped run with other settings is an error,
-    so a recipe never silently mixes two configurations in one folder.
+    Returns "finished", "resumed" or "trained". A finished or stopped run with other settings is
+    an error, so a recipe or a cross-validation never silently reuses or mixes another configuration.
     """
     run_dir = Path(run_dir)
-    if (run_dir / "report.json").is_file():
-        return "finished"
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
-    if resume:
+    finished = (run_dir / "report.json").is_file()
+    resume = not finished and (run_dir / "checkpoints" / "last.pt").is_file()
+    if finished or resume:
         from asc.config import load_config
 
         if to_dict(load_config(RunConfig, run_dir / "config.yaml")) != to_dict(config):
-            raise AscError(f"{run_dir}: holds a stopped run with other settings; delete it or resume it with "
-                           "the same settings")
+            raise AscError(f"{run_dir}: holds a {'finished' if finished else 'stopped'} run with other settings; "
+                           "choose another --out, delete it, or repeat the same settings")
+    if finished:
+        return "finished"
     Trainer(config, run_dir, hooks=hooks, progress=progress).fit(resume=resume)
     return "resumed" if resume else "trained"

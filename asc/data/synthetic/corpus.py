@@ -29,7 +29,7 @@ from asc.data.synthetic.rng import Stream, stream_rng
 from asc.data.synthetic.scenes import render_scene
 from asc.data.synthetic.subsets import choose_subsets
 from asc.errors import DatasetError
-from asc.io import atomic_write_json, atomic_write_text
+from asc.io import atomic_write_json, atomic_write_text, make_dir
 
 FORMAT = "asc-synthetic-scenes"
 FORMAT_VERSION = 2  # bump whenever the same config would render different audio
@@ -100,7 +100,7 @@ def synthesize(out: str | Path, config: SynthConfig, *, progress: bool = True,
         _remove_corpus(out)
     devices = make_devices(config.seed, config.sample_rate, config.ir_dir, config.ir_devices)
     plans = plan_segments(config)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     atomic_write_json(out / MANIFEST, _manifest(config, devices, None, layout))  # marks the folder ours
     rows = _render_all(out, config, plans, devices, progress)
     if layout == "table":
