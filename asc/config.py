@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -42,6 +43,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         raise ConfigError(f"unknown config key '{where}{key}'{hint}")
     values = {name: _coerce(hints[name], data[name], f"{where}{name}") for name in data}
     return cls(**values)
+
+
+def check_value(hint: Any, value: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``hint`` as config keys are (converted where it is
+    lossless); a mismatch is a :class:`ConfigError` naming ``key``."""
+    return _coerce(hint, value, key)
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
@@ -142,10 +149,14 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning I/O and syntax problems into one-line errors."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file; give the path of a .yaml file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); give a YAML config file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -238,6 +249,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.num_folds < 2:
             raise ConfigError(f"data.num_folds={self.num_folds} must be at least 2")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be 0 (load in the main process) or more")
+        if self.clip_seconds is not None and self.clip_seconds <= 0:
+            raise ConfigError(f"data.clip_seconds={self.clip_seconds} must be positive, or null for the "
+                              "dataset's own clip length")
         if self.device_column is not None and self.device_pattern is not None:
             raise ConfigError("data.device_column and data.device_pattern both name the device; set one of them")
         if self.fold_column is not None and self.split_column is not None:
@@ -263,6 +279,16 @@ class OptimConfig:
     warmup_epochs: float = 1.0  #: linear warm-up, then cosine decay to zero, per iteration
     grad_clip: float | None = None
 
+    def __post_init__(self) -> None:
+        for key, value in (("lr", self.lr), ("grad_clip", self.grad_clip)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"optim.{key}={value} must be positive")
+        for key, value in (("weight_decay", self.weight_decay), ("warmup_epochs", self.warmup_epochs)):
+            if value < 0:
+                raise ConfigError(f"optim.{key}={value} must be 0 or more")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum={self.momentum} must be in [0, 1)")
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -272,6 +298,14 @@ class TrainConfig:
     device: str = "auto"  #: auto | cpu | cuda | cuda:N
     amp: bool = True  #: bfloat16 autocast on CUDA (ignored on CPU)
     eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        for key, value in (("epochs", self.epochs), ("batch_size", self.batch_size),
+                           ("eval_batch_size", self.eval_batch_size)):
+            if value < 1:
+                raise ConfigError(f"train.{key}={value} must be at least 1")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device={self.device!r} must be auto, cpu, cuda or cuda:N")
 
 
 @dataclasses.dataclass

@@ -31,6 +31,15 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     ("optim.name=adam", "must be one of 'sgd', 'adamw'"),
     ("train.amp=maybe", "true or false"),
     ("optim", "key=value"),
+    # values torch or the loader would reject with a traceback, and one that would train nothing
+    ("train.batch_size=0", r"^train.batch_size=0 must be at least 1$"),
+    ("train.epochs=-1", r"^train.epochs=-1 must be at least 1$"),
+    ("train.device=gpu", r"^train.device='gpu' must be auto, cpu, cuda or cuda:N$"),
+    ("data.num_workers=-3", r"^data.num_workers=-3 must be 0 \(load in the main process\) or more$"),
+    ("data.clip_seconds=0", r"^data.clip_seconds=0.0 must be positive"),
+    ("optim.lr=-1", r"^optim.lr=-1.0 must be positive$"),
+    ("optim.momentum=1", r"^optim.momentum=1.0 must be in \[0, 1\)$"),
+    ("optim.weight_decay=-0.1", r"^optim.weight_decay=-0.1 must be 0 or more$"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -59,6 +68,12 @@ def test_bad_yaml_files_are_one_line_errors(tmp_path: Path):
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(RunConfig, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load_config(RunConfig, tmp_path)
+    binary = tmp_path / "clip.wav"
+    binary.write_bytes(b"RIFF\xff\xfe\x00WAVEfmt \x80\x81")
+    with pytest.raises(ConfigError, match=r"clip.wav: not a text file \(not UTF-8\); give a YAML config file"):
+        load_config(RunConfig, binary)
     listing = tmp_path / "list.yaml"
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):

@@ -177,8 +177,10 @@ def test_registry_errors() -> None:
         build_model("bcresnet_mod", 10, widht=10)
     with pytest.raises(ConfigError, match="unknown frequency norm 'layernorm'"):
         build_model("bcresnet_mod", 10, freq_norm="layernorm")
-    with pytest.raises(ConfigError, match="whole number"):
+    with pytest.raises(ConfigError, match="'model.args.width' must be an integer, got 12.5"):
         build_model("bcresnet_mod", 10, width=12.5)
+    with pytest.raises(ConfigError, match="'model.args.dropout' must be a number, got 'high'"):
+        build_model("bcresnet_mod", 10, dropout="high")  # the key is named, not a TypeError from inside torch
     with pytest.raises(ConfigError, match="at least one channel"):
         build_model("bcresnet", 10, width=0)
     with pytest.raises(ConfigError, match="num_classes"):

@@ -102,7 +102,7 @@ class BCResBlock(nn.Module):
 
 def _check_width(width: float, base: int) -> None:
     if width <= 0 or int(base * width) < 1:
-        raise ConfigError(f"model width must give at least one channel, got width={width}")
+        raise ConfigError(f"model.args.width={width} must give at least one channel")
 
 
 class BCResNet(nn.Module):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any
 
 from torch import nn
 
+from asc.config import check_value
 from asc.errors import ConfigError
 from asc.models.baseline import DCASE2021Baseline
 from asc.models.bcresnet import BCResNet, BCResNetMod
@@ -41,7 +43,10 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
             raise ConfigError(f"model {name!r} has no option {key!r}; valid: {', '.join(valid)}")
     if num_classes < 1:
         raise ConfigError(f"num_classes must be at least 1, got {num_classes}")
-    return cls(num_classes=num_classes, **kwargs)
+    hints = typing.get_type_hints(cls.__init__)
+    checked = {key: check_value(hints[key], value, f"model.args.{key}") if key in hints else value
+               for key, value in kwargs.items()}
+    return cls(num_classes=num_classes, **checked)
 
 
 def feature_taps(model: nn.Module) -> dict[str, nn.Module]:

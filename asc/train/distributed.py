@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from asc.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -36,6 +38,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        found = torch.cuda.device_count()
+        raise ConfigError(f"train.device={name}: this machine has {found or 'no'} CUDA GPU{'s' if found != 1 else ''} "
+                          "torch can use; set train.device=auto or cpu")
     return device
 
 
