@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from tqdm import tqdm
 
@@ -420,13 +421,26 @@ def open_gated_bundle(bundle_dir: str | os.PathLike[str]) -> GatedBundle:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise AscError(f"{plan_path}: not a readable PPP plan ({error}); re-export the gated bundle") from None
     path = manifest.model_path(bundle_dir)
-    model = onnx.load_model_from_string(model_bytes(path))
+    try:
+        model = onnx.load_model_from_string(model_bytes(path))
+    except (DecodeError, ValueError) as error:
+        raise AscError(f"{path}: not a readable ONNX model ({error or type(error).__name__}); re-export the "
+                       "gated bundle") from None
     outputs = {output.name for output in model.graph.output}
     missing = [plan.output for plan in plans if plan.output not in outputs]
     if missing:
         raise AscError(f"{path}: gate outputs {missing} named in {PLAN_NAME} are not in the graph; re-export the "
                        "gated bundle")
     return GatedBundle(bundle_dir, manifest, model, plans, threshold)
+
+
+class UnusableEnrolment(AscError):
+    """Every enrolment recording failed; ``failures`` names each, for one error line per file."""
+
+    def __init__(self, failures: Sequence[Failure]) -> None:
+        self.failures = list(failures)
+        super().__init__(f"--enrol: none of the {len(self.failures)} recordings is usable (each is named above); "
+                         "give WAV files of the user's or device's audio")
 
 
 @dataclass(frozen=True)
@@ -458,7 +472,7 @@ def enrolment_inputs(bundle: GatedBundle, paths: Iterable[str | os.PathLike[str]
         used.append(file)
     if not inputs:
         if failures:
-            raise AscError(f"{failures[0]} (no enrolment recording is usable)")
+            raise UnusableEnrolment(failures)
         raise AscError("--enrol: no enrolment recording given; give WAV files or folders of the user's or device's "
                        "audio")
     return Enrolment(np.concatenate(inputs), used, failures)

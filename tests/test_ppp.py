@@ -325,17 +325,26 @@ def test_personalize_errors_are_one_line(ppp_run: Path, enrolment: list[Path], t
                  str(tmp_path / "one"), "-q"]) == 1  # the bad file is reported, the good one used
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.wav" in err[0] and (tmp_path / "one" / "model.onnx").is_file()
-    cases = {
-        "only-bad": [str(bundle), "--enrol", str(broken)],
-        "missing": [str(bundle), "--enrol", str(tmp_path / "nowhere.wav")],
-        "not-a-bundle": [str(tmp_path), "--enrol", str(enrolment[0])],
-    }
-    plain = tmp_path / "plain"
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    # nothing usable: every bad recording gets its line, then one line says none was usable
+    assert main(["personalize", str(bundle), "--enrol", str(broken), str(empty), str(tmp_path / "nowhere.wav"),
+                 "--out", str(tmp_path / "none"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sorted(line.removeprefix("asc: error: ").split(":")[0] for line in err[:3]) == sorted(
+        [str(broken), str(empty), str(tmp_path / "nowhere.wav")])
+    assert err[3:] == ["asc: error: --enrol: none of the 3 recordings is usable (each is named above); give WAV "
+                       "files of the user's or device's audio"] and not (tmp_path / "none").exists()
+    cases = {"not-a-bundle": [str(tmp_path), "--enrol", str(enrolment[0])]}
+    plain, corrupt = tmp_path / "plain", tmp_path / "corrupt-bundle"
     shutil.copytree(bundle, plain)
+    shutil.copytree(bundle, corrupt)
     (plain / "ppp.json").unlink()
+    (corrupt / "model.onnx").write_bytes(b"\x08\x07 not a protobuf")
     cases["no-gates"] = [str(plain), "--enrol", str(enrolment[0])]
-    expected = {"only-bad": "broken.wav", "missing": "nowhere.wav", "not-a-bundle": "neither a bundle",
-                "no-gates": "no channel gates"}
+    cases["corrupt"] = [str(corrupt), "--enrol", str(enrolment[0])]
+    expected = {"not-a-bundle": "neither a bundle", "no-gates": "no channel gates",
+                "corrupt": "model.onnx: not a readable ONNX model"}
     for case, arguments in cases.items():
         assert main(["personalize", *arguments, "--out", str(tmp_path / case), "-q"]) == 2, case
         err = capsys.readouterr().err.strip().splitlines()

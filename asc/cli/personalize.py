@@ -36,10 +36,15 @@ def gated_bundle_for(target: Path, *, progress: bool) -> Path:
 
 
 def _personalize(args: argparse.Namespace) -> int:
-    from asc.personalize import personalize
+    from asc.personalize import UnusableEnrolment, personalize
 
     bundle = gated_bundle_for(args.target, progress=not args.quiet)
-    result = personalize(bundle, args.enrol, args.out, progress=not args.quiet)
+    try:
+        result = personalize(bundle, args.enrol, args.out, progress=not args.quiet)
+    except UnusableEnrolment as error:  # a batch command names every bad item, also when none was usable
+        for failure in error.failures:
+            print(f"asc: error: {failure}", file=sys.stderr)
+        raise
     print(result.summary())
     for failure in result.failures:
         print(f"asc: error: {failure}", file=sys.stderr)
