@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,7 +17,8 @@ from ddp_run import run_two_ranks
 
 from asc.cli import main
 from asc.config import RunConfig, load_config
-from asc.train.checkpoint import load_checkpoint
+from asc.errors import AscError
+from asc.train.checkpoint import load_checkpoint, load_finalized
 from asc.train.evaluate import evaluate_run
 from asc.train.hooks import TrainHook
 from asc.train.loop import Trainer, warmup_cosine
@@ -25,6 +27,21 @@ from asc.train.loop import Trainer, warmup_cosine
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("train")
+
+
+def test_unreadable_model_files_are_one_line_without_unsafe_advice(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    garbage = tmp_path / "last.pt"
+    garbage.write_bytes(b"garbage bytes, not a checkpoint")
+    with pytest.raises(AscError) as info:
+        load_checkpoint(garbage)
+    assert str(info.value) == (f"{garbage}: not a readable asc checkpoint (not a torch file, or one holding more than "
+                               "tensors and plain values); re-run training or restore the file")  # no weights_only=False
+    archive = tmp_path / "finalized.pt2"
+    archive.write_bytes(b"garbage bytes, not an archive")
+    with caplog.at_level(logging.WARNING), pytest.raises(AscError, match="finalized.pt2: not a readable finalized"):
+        load_finalized(archive)
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("torch")] == []
 
 
 def test_warmup_cosine_schedule():

@@ -7,6 +7,8 @@ epoch; the temp-file-and-rename write guarantees the file on disk is always a wh
 from __future__ import annotations
 
 import copy
+import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise AscError(f"{path}: checkpoint not found; train first or point at a run folder with checkpoints/")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # torch's own text advises weights_only=False: unsafe for a file of unknown origin
+        raise AscError(f"{path}: not a readable asc checkpoint (not a torch file, or one holding more than tensors "
+                       "and plain values); re-run training or restore the file") from None
     except Exception as error:  # torch raises many types for truncated or foreign files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise AscError(f"{path}: not a readable asc checkpoint ({reason}); re-run training or restore the file") \
@@ -56,9 +61,14 @@ def load_finalized(path: Path, map_location: str | torch.device = "cpu") -> nn.M
     from asc.pt2e import allow_exported_model_train_eval  # also registers the ops of int8 programs
 
     path = Path(path)
+    export_log = logging.getLogger("torch.export")  # logs a whole traceback of a foreign archive before raising
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
     try:
         program = torch.export.load(path)
     except Exception as error:  # torch raises many types for truncated or foreign archives
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise AscError(f"{path}: not a readable finalized model ({reason}); re-run `asc compress`") from None
+    finally:
+        export_log.setLevel(level)
     return allow_exported_model_train_eval(program.module()).to(map_location)
