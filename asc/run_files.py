@@ -14,6 +14,8 @@ from pathlib import Path
 
 FINALIZED_NAME = "finalized.pt2"
 """The deployable module of a compressed run, as a ``torch.export`` program (no pickled code)."""
+COMPRESS_PLAN_NAME = "compress.yaml"
+"""A compressed run's source run and method settings, written by ``asc compress`` when it starts."""
 FLOAT_CHECKPOINT = "float"
 """A compressed run's float twin of its finalized module (``checkpoints/float.pt``)."""
 DIGEST_KEY = "checkpoint_sha256"

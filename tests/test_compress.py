@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -206,6 +207,13 @@ def test_pqk_stage_writes_a_finalized_int8_run(trained_run: Path, capsys):
     assert capsys.readouterr().err.strip() == (f"asc: error: {out}: holds a finished compression with other settings "
                                                "(source, methods or overrides); choose another --out, delete it, "
                                                "or repeat the same command")
+    lost = out.with_name("pqk-lost")  # a finished compression whose deployable file went missing
+    shutil.copytree(out, lost)
+    (lost / FINALIZED_NAME).unlink()
+    assert main(["evaluate", str(lost), "-q"]) == 2
+    assert capsys.readouterr().err.strip() == (f"asc: error: {lost}: a compressed run without its finalized.pt2 "
+                                               "(stopped before it finished, or the file was lost); run the same "
+                                               "`asc compress` command again to finish it")
     # `asc export` ships it as int8 without being asked; its biases sit on the kernels' int32 grid, so
     # onnxruntime computes what torch evaluated (max |dlogit| 0.004 on an AVX-512 Xeon; the float
     # norms may round a last bit differently on another CPU, hence --force and bounds, not equality)

@@ -43,6 +43,9 @@ def bundle_for(target: Path, *, progress: bool) -> Path:
         raise AscError(f"{target}: neither a bundle (bundle.json) nor a run folder (config.yaml); "
                        "point at the output of `asc export` or `asc train`")
     bundle = target / "bundle"
+    if bundle.exists() and not (bundle / MANIFEST_NAME).is_file() and (not bundle.is_dir() or any(bundle.iterdir())):
+        raise AscError(f"{bundle}: is in the way of the bundle `asc classify` caches in a run folder; move it "
+                       "elsewhere, or classify with a bundle from `asc export`")
     stale = stale_bundle(target, bundle) if (bundle / MANIFEST_NAME).is_file() else None
     if stale:
         print(f"asc: {stale}; exporting it again", file=sys.stderr)

@@ -47,6 +47,7 @@ from asc.features import FeatureConfig
 from asc.io import make_dir
 from asc.models.resize import channel_spec
 from asc.run_files import (
+    COMPRESS_PLAN_NAME,
     FINALIZED_NAME,
     FLOAT_CHECKPOINT,
     checkpoint_file,
@@ -59,8 +60,6 @@ from asc.train.checkpoint import (
 )
 from asc.train.evaluate import load_run_model
 from asc.train.loop import Trainer
-
-PLAN_NAME = "compress.yaml"
 
 
 def split_overrides(overrides: Sequence[str], methods: Sequence[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
@@ -153,7 +152,7 @@ def compress_run(source: Path, out: Path, methods: Sequence[str], overrides: Seq
     plan = _plan(source, built, overrides)
     finished = (out / FINALIZED_NAME).is_file()
     resume = (out / "checkpoints" / "last.pt").is_file()
-    if (finished or resume) and read_yaml(out / PLAN_NAME) != plan:
+    if (finished or resume) and read_yaml(out / COMPRESS_PLAN_NAME) != plan:
         state = "finished" if finished else "stopped"
         raise AscError(f"{out}: holds a {state} compression with other settings (source, methods or overrides); "
                        "choose another --out, delete it, or repeat the same command")
@@ -161,7 +160,7 @@ def compress_run(source: Path, out: Path, methods: Sequence[str], overrides: Seq
         return "finished"
     fresh = not out.exists()
     make_dir(out)
-    save_yaml(plan, out / PLAN_NAME)
+    save_yaml(plan, out / COMPRESS_PLAN_NAME)
 
     def start_model(num_classes: int) -> nn.Module:
         model, state = load_run_model(source, checkpoint)
@@ -208,7 +207,7 @@ def _finalize(trainer: Trainer, methods: Sequence[Method], context: StageContext
     simulated = trainer.history[-1] if trainer.history else {}
     write_report(out, metrics, history=trainer.history, config=trainer.config, title="Compressed model",
                  extra={"split": trainer.config.data.eval_split, "checkpoint": "finalized",
-                        "compression": read_yaml(out / PLAN_NAME), "precision": "int8" if quantized else "fp32",
+                        "compression": read_yaml(out / COMPRESS_PLAN_NAME), "precision": "int8" if quantized else "fp32",
                         "simulated_accuracy": simulated.get("accuracy"), **trainer.replicas,
                         "complexity": {"params": counts.params, "nonzero_params": counts.nonzero_params,
                                        "bytes": counts.bytes, "nonzero_bytes": counts.nonzero_bytes,

@@ -75,10 +75,13 @@ from asc.personalize import (
     logits,
     prune_graph,
 )
-from asc.run_files import FLOAT_CHECKPOINT, deployed_file, file_digest
+from asc.run_files import (
+    COMPRESS_PLAN_NAME,
+    FLOAT_CHECKPOINT,
+    deployed_file,
+    file_digest,
+)
 from asc.train.checkpoint import load_checkpoint
-
-PLAN_FILE = "compress.yaml"
 
 
 class _WithGates(nn.Module):
@@ -95,11 +98,11 @@ class _WithGates(nn.Module):
 
 def ppp_options(run_dir: Path) -> PPPOptions:
     """The PPP settings a compressed run was trained with (from its ``compress.yaml``)."""
-    path = run_dir / PLAN_FILE
+    path = run_dir / COMPRESS_PLAN_NAME
     methods = read_yaml(path).get("methods", []) if path.is_file() else []
     settings = next((m.get("settings", {}) for m in methods if m.get("name") == PPP.name), None)
     if settings is None:
-        raise AscError(f"{run_dir}: not compressed with --method ppp (no ppp in {PLAN_FILE}); run "
+        raise AscError(f"{run_dir}: not compressed with --method ppp (no ppp in {COMPRESS_PLAN_NAME}); run "
                        f"`asc compress {run_dir} --method ppp` first and personalize its output")
     return PPPOptions(**settings)
 

@@ -18,6 +18,7 @@ from asc.errors import AscError
 from asc.features import FeatureConfig
 from asc.models import build_model
 from asc.run_files import (
+    COMPRESS_PLAN_NAME,
     FINALIZED_NAME,
     FLOAT_CHECKPOINT,
     checkpoint_file,
@@ -66,6 +67,9 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.
     elif (deployed := deployed_file(run_dir, checkpoint)).name == FINALIZED_NAME:
         state = load_checkpoint(checkpoint_file(run_dir, FLOAT_CHECKPOINT), device)
         return load_finalized(deployed, device), state  # inference-only already
+    elif checkpoint == "last" and (run_dir / COMPRESS_PLAN_NAME).is_file():  # its last.pt holds a wrapped model
+        raise AscError(f"{run_dir}: a compressed run without its {FINALIZED_NAME} (stopped before it finished, or the "
+                       "file was lost); run the same `asc compress` command again to finish it")
     path = checkpoint_file(run_dir, checkpoint)
     state = load_checkpoint(path, device)
     spec = state["model_spec"]
