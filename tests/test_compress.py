@@ -207,6 +207,11 @@ def test_pqk_stage_writes_a_finalized_int8_run(trained_run: Path, capsys):
     assert capsys.readouterr().err.strip() == (f"asc: error: {out}: holds a finished compression with other settings "
                                                "(source, methods or overrides); choose another --out, delete it, "
                                                "or repeat the same command")
+    assert main(["compress", str(trained_run), "--method", "pqk", "--out", str(out.with_name("mels")), "-q",
+                 "features.n_mels=64"]) == 2  # would fine-tune the model on features it was not built for
+    assert capsys.readouterr().err.strip() == (f"asc: error: override 'features.n_mels=64' cannot apply: a compressed "
+                                               f"run keeps the model and features of {trained_run}; train a run with "
+                                               "it, then compress that run")
     lost = out.with_name("pqk-lost")  # a finished compression whose deployable file went missing
     shutil.copytree(out, lost)
     (lost / FINALIZED_NAME).unlink()

@@ -142,6 +142,10 @@ def compress_run(source: Path, out: Path, methods: Sequence[str], overrides: Seq
     if out.resolve() == source.resolve():
         raise ConfigError(f"{out}: the compressed run needs its own folder; choose another --out")
     run_overrides, options = split_overrides(overrides, methods)
+    fixed = [item for item in run_overrides if item.partition(".")[0] in ("model", "features")]
+    if fixed:
+        raise ConfigError(f"override '{fixed[0]}' cannot apply: a compressed run keeps the model and features of "
+                          f"{source}; train a run with it, then compress that run")
     config = load_config(RunConfig, source / "config.yaml", overrides=run_overrides)
     checkpoint = trainable_checkpoint(source)  # an already compressed run: its float twin
     meta = load_checkpoint(checkpoint_file(source, checkpoint))
