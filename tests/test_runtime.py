@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -399,6 +401,14 @@ def test_unloadable_ort_file_falls_back_to_onnx(bundles: Bundles, tmp_path: Path
     assert classifier.model_path.name == "model.onnx"
     clips = np.stack([scene(1.0)])
     assert_close(classifier.logits(clips), bundles.torch_logits(clips))
+    wav = tmp_path / "scene.wav"
+    sf.write(wav, scene(1.0), RATE)
+    done = subprocess.run([sys.executable, "-m", "asc", "classify", str(bundle), str(wav), "-q"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    (warning,) = done.stderr.splitlines()  # the command's own format, not Python's file:line and source echo
+    assert warning.startswith(f"asc: warning: {bundle / 'model.ort'}: onnxruntime cannot load the model")
+    assert warning.endswith("; using model.onnx instead")
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
+from typing import TextIO
 
 from asc import __version__
 from asc.cli.common import EXIT_USAGE, Parser
@@ -36,6 +40,26 @@ def build_parser() -> Parser:
     return parser
 
 
+@contextmanager
+def asc_warnings_as_lines() -> Iterator[None]:
+    """Warnings that asc's own code raises print as one ``asc: warning:`` line; others as Python prints them."""
+    package = Path(__file__).resolve().parents[1]
+    shown = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        if Path(filename).resolve().is_relative_to(package):
+            print(f"asc: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     prefer_sleeping_openmp_waits()  # before a handler imports torch
     parser = build_parser()
@@ -47,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides:
         args.overrides = [*args.overrides, *overrides]
     try:
-        return args.handler(args)
+        with asc_warnings_as_lines():
+            return args.handler(args)
     except AscError as error:
         print(f"asc: error: {error}", file=sys.stderr)
         return EXIT_USAGE
