@@ -325,8 +325,8 @@ def test_asc_cache_errors_and_help_without_torch(tmp_path: Path, without_torch, 
 
     (tmp_path / "file").write_text("x")
     assert main(["cache", "--dir", str(tmp_path / "file")]) == 2
-    assert capsys.readouterr().err.strip() == (f"asc: error: {tmp_path / 'file'}: the cache location is not a "
-                                               "folder; set $ASC_CACHE or data.cache_dir to a folder")
+    assert capsys.readouterr().err.strip() == (f"asc: error: {tmp_path / 'file'}: the cache location is a file, not "
+                                               "a folder; point the cache at a folder")
     code = "import sys; from asc.cli import main; sys.exit(main(sys.argv[1:]))"
     shown = without_torch(code, "cache", "--help")
     assert shown.returncode == 0 and shown.stdout.startswith("usage: asc cache"), shown.stderr

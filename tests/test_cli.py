@@ -54,12 +54,22 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path: Path, capsys
     assert main(["evaluate", str(tmp_path / "other"), "--out", str(run_dir)]) == 2
     assert capsys.readouterr().err.strip() == (f"asc: error: {run_dir}: is a run or bundle folder, whose report the "
                                                "evaluation would replace; give --out a folder of its own")
+    assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip() == f"asc: error: {tmp_path / 'nowhere'}: no such run or bundle folder; check the path"
     (run_dir / "config.yaml").write_text("{}\n")
     (run_dir / "bundle").write_text("a file where classify caches the run's bundle")
     assert main(["classify", str(run_dir), str(blocker)]) == 2
     assert capsys.readouterr().err.strip() == (f"asc: error: {run_dir / 'bundle'}: is in the way of the bundle "
                                                "`asc classify` caches in a run folder; move it elsewhere, or "
                                                "classify with a bundle from `asc export`")
+
+
+@pytest.mark.parametrize("option", ["--repeats", "--threads"])
+def test_bench_counts_below_one_are_usage_errors(option: str, capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "bundle", option, "0"])
+    assert stop.value.code == 2
+    assert f"argument {option}: '0' is not a whole number of at least 1" in capsys.readouterr().err
 
 
 def test_check_names_a_missing_meta_file(tmp_path: Path, tau_fixtures: Path):

@@ -111,7 +111,7 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path):
 @pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(trained, tmp_path: Path):
     assert trained.run.features.n_mels == 32  # the tiny preset the tests rely on
-    with pytest.raises(AscError, match="checkpoint not found"):
+    with pytest.raises(AscError, match=r"nope.pt: checkpoint not found; this run has best, last$"):
         export_run(trained.run_dir, tmp_path / "b", checkpoint="nope")
     with pytest.raises(ConfigError, match="checkpoint must be a name"):
         export_run(trained.run_dir, tmp_path / "b", checkpoint="../last")

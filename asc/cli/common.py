@@ -40,6 +40,17 @@ def add_command(sub: Subparsers, name: str, handler: Handler, *, help: str, desc
     return parser
 
 
+def positive_int(text: str) -> int:
+    """A count such as ``--repeats 20``: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return value
+
+
 def shape(text: str) -> tuple[int, ...]:
     """A tensor shape written ``1,1,128,44`` or, as asc prints shapes, ``1x1x128x44``."""
     parts = re.split(r"[,x×]", text.strip())

@@ -16,6 +16,7 @@ from asc.cli.common import (
     EXIT_USAGE,
     Subparsers,
     add_command,
+    positive_int,
 )
 from asc.errors import AscError
 
@@ -149,5 +150,5 @@ def register(sub: Subparsers) -> None:
         description="Per-clip latency (median, p90), real-time factor, the front end's share of the time and "
         "load time of model.onnx vs model.ort, for each thread count, measured round-robin in one run.")
     bench.add_argument("bundle", type=Path, help="bundle folder written by asc export")
-    bench.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts")
-    bench.add_argument("--repeats", type=int, default=20, help="timed runs per configuration")
+    bench.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2], help="intra-op thread counts")
+    bench.add_argument("--repeats", type=positive_int, default=20, help="timed runs per configuration")

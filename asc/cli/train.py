@@ -38,12 +38,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from asc.bundle_manifest import MANIFEST_NAME
-    from asc.errors import ConfigError
+    from asc.errors import AscError, ConfigError
     from asc.report import write_report
 
     if args.out is not None and ((args.out / "checkpoints").is_dir() or (args.out / MANIFEST_NAME).is_file()):
         raise ConfigError(f"{args.out}: is a run or bundle folder, whose report the evaluation would replace; "
                           "give --out a folder of its own")
+    if not args.run.is_dir():
+        raise AscError(f"{args.run}: no such run or bundle folder; check the path")
     if (args.run / MANIFEST_NAME).is_file():  # torch-free: the app's view of a shipped bundle
         from asc.bundle_eval import evaluate_bundle
         from asc.config import DataConfig, override_data

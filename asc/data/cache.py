@@ -379,8 +379,7 @@ def scan_cache(cache_dir: str | Path) -> list[CacheEntry]:
     if not root.exists():
         return []
     if not root.is_dir():
-        raise AscError(f"{root}: the cache location is not a folder; set $ASC_CACHE or data.cache_dir "
-                       "to a folder")
+        raise AscError(f"{root}: the cache location is a file, not a folder; point the cache at a folder")
     entries = []
     for path in sorted(root.iterdir()):
         name = path.name

@@ -27,6 +27,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Load a checkpoint of tensors and plain Python values; refuse anything else."""
     path = Path(path)
     if not path.is_file():
+        saved = sorted(p.stem for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
+        if saved:
+            raise AscError(f"{path}: checkpoint not found; this run has {', '.join(saved)}")
         raise AscError(f"{path}: checkpoint not found; train first or point at a run folder with checkpoints/")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
