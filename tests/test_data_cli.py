@@ -133,6 +133,11 @@ def test_table_option_errors(esc: Path, tmp_path: Path, capsys: pytest.CaptureFi
     audio = f"data.audio_dir={esc.parent / 'audio'}"
     assert one_error(capsys, tmp_path / "absent.csv") == (f"asc: error: {tmp_path / 'absent.csv'}: table not found; "
                                                           "check the path")
+    recording = tmp_path / "one.wav"
+    recording.write_bytes(b"")  # even an empty one is a recording by its name, not an empty table
+    assert one_error(capsys, recording) == (f"asc: error: {recording}: is an audio file, not a dataset; point "
+                                            "data.root at a dataset folder or a CSV/TSV table (`asc classify` labels "
+                                            "single recordings)")
     line = one_error(capsys, esc, audio, *ESC_OPTIONS, "data.path_template=fold{folder}/{filename}")
     assert "no column 'folder'" in line and "set data.path_template= to one of the columns found" in line
     line = one_error(capsys, esc, audio, *ESC_OPTIONS, r"data.device_pattern=_(\d+)\.flac$")

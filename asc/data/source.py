@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import soundfile as sf
+
 from asc.data.clips import Clip, ClipSet
 from asc.data.problems import Problem, probe_files
 from asc.data.splits import assign_folds, split_by_folds
@@ -29,6 +31,9 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
 def detect_format(root: Path, requested: str = "auto") -> Format:
     """``requested`` unless "auto": a file (or a missing .csv/.tsv/.txt) is a table, a folder with
     meta.csv or evaluation_setup/ is TAU, any other folder is a class-per-folder tree."""
+    if root.is_file() and root.suffix[1:].upper() in sf.available_formats():
+        raise DatasetError(root, "is an audio file, not a dataset", "point data.root at a dataset folder or a "
+                           "CSV/TSV table (`asc classify` labels single recordings)")
     if requested != "auto":
         return requested  # type: ignore[return-value]
     if root.is_file() or (not root.exists() and root.suffix.lower() in TABLE_SUFFIXES):
