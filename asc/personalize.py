@@ -53,6 +53,7 @@ from asc.errors import AscError
 from asc.onnx_graph import prune_dead_nodes, tensor_consumers, tensor_producers
 from asc.runtime import (
     bundle_frontend,
+    input_warnings,
     model_bytes,
     open_session,
     session_options,
@@ -450,6 +451,7 @@ class Enrolment:
     inputs: np.ndarray  #: (windows, ...) as the bundle's graph takes them
     files: list[Path]
     failures: list[Failure]
+    warnings: list[str] = field(default_factory=list)  #: "FILE: reason" for recordings used that say little
 
 
 def enrolment_inputs(bundle: GatedBundle, paths: Iterable[str | os.PathLike[str]], *,
@@ -459,13 +461,15 @@ def enrolment_inputs(bundle: GatedBundle, paths: Iterable[str | os.PathLike[str]
     frontend = bundle_frontend(bundle.path, manifest)
     clip = manifest.clip_samples
     files, failures = find_audio_files(paths)
-    used, inputs = [], []
+    used, inputs, warned = [], [], []
     for file in tqdm(files, desc="enrol", unit="file", disable=not progress, delay=1.0, leave=False):
         try:
             audio, _ = load_audio(file, manifest.sample_rate, mono=True)
         except AscError as error:
             failures.append(Failure(str(file), str(error)))
             continue
+        warned.extend(f"{file}: {reason}" for reason in input_warnings(audio, manifest.sample_rate, clip,
+                                                                        answer="its gate pattern"))
         windows = np.stack([fit_length(audio[start:start + clip], clip)
                             for start in window_starts(len(audio), clip, clip)]).astype(np.float32)
         inputs.append(windows if frontend is None else frontend(windows))
@@ -475,7 +479,7 @@ def enrolment_inputs(bundle: GatedBundle, paths: Iterable[str | os.PathLike[str]
             raise UnusableEnrolment(failures)
         raise AscError("--enrol: no enrolment recording given; give WAV files or folders of the user's or device's "
                        "audio")
-    return Enrolment(np.concatenate(inputs), used, failures)
+    return Enrolment(np.concatenate(inputs), used, failures, warned)
 
 
 def gate_masks(model: onnx.ModelProto, manifest: BundleManifest, plans: Sequence[GatePlan], inputs: np.ndarray,
@@ -511,6 +515,7 @@ class Personalized:
     max_abs_diff: float  #: pruned vs gated-with-fixed-prototype logits on the enrolment windows
     bytes_before: int
     bytes_after: int
+    warnings: list[str] = field(default_factory=list)  #: enrolment recordings used that say little
 
     def summary(self) -> str:
         kept = sum(k for k, _ in self.channels.values())
@@ -560,4 +565,4 @@ def personalize(bundle_dir: str | os.PathLike[str], enrol: Sequence[str | os.Pat
         (stage / MANIFEST_NAME).write_text(personalized.to_json())
         BundleManifest.read(stage)
     return Personalized(out_dir, enrolment.files, enrolment.failures, len(enrolment.inputs), channels, difference,
-                        len(bundle.model.SerializeToString()), len(payload))
+                        len(bundle.model.SerializeToString()), len(payload), enrolment.warnings)

@@ -103,16 +103,17 @@ SILENCE_DBFS = -80.0
 its biases. 16-bit dither sits near -90 dBFS, a quiet room recorded by a phone well above -60."""
 
 
-def input_warnings(audio: np.ndarray, sample_rate: int, clip_samples: int) -> tuple[str, ...]:
-    """Reasons the model's answer on ``audio`` says little: under half a window, or silence."""
+def input_warnings(audio: np.ndarray, sample_rate: int, clip_samples: int, *,
+                   answer: str = "the label") -> tuple[str, ...]:
+    """Reasons the model's ``answer`` on ``audio`` says little: under half a window, or silence."""
     found = []
     if len(audio) < clip_samples / 2:
         found.append(f"only {len(audio) / sample_rate:.2f} s of audio, under half the model's "
-                     f"{clip_samples / sample_rate:g}-s window; the label is a guess from mostly padding")
+                     f"{clip_samples / sample_rate:g}-s window; {answer} is a guess from mostly padding")
     peak = max(float(audio.max()), -float(audio.min())) if audio.size else 0.0  # no |audio| copy
     if peak <= 10 ** (SILENCE_DBFS / 20):
         level = "digital silence" if peak == 0 else f"peak {20 * np.log10(peak):.0f} dBFS"
-        found.append(f"the recording is silent ({level}); the label reflects no sound")
+        found.append(f"the recording is silent ({level}); {answer} reflects no sound")
     return tuple(found)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import soundfile as sf
 import torch
 from compress_resume import assert_same_tensors, kill_and_resume
 from ddp_run import assert_ranks_equal, compress_on_two_ranks
@@ -321,10 +322,15 @@ def test_personalize_errors_are_one_line(ppp_run: Path, enrolment: list[Path], t
     capsys.readouterr()
     broken = tmp_path / "broken.wav"
     broken.write_text("not audio")
-    assert main(["personalize", str(bundle), "--enrol", str(broken), str(enrolment[0]), "--out",
+    silent = tmp_path / "silent.wav"
+    rate = sf.info(enrolment[0]).samplerate
+    sf.write(silent, np.zeros(rate, np.float32), rate)
+    assert main(["personalize", str(bundle), "--enrol", str(broken), str(enrolment[0]), str(silent), "--out",
                  str(tmp_path / "one"), "-q"]) == 1  # the bad file is reported, the good one used
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "broken.wav" in err[0] and (tmp_path / "one" / "model.onnx").is_file()
+    assert len(err) == 2 and (tmp_path / "one" / "model.onnx").is_file()
+    assert err[0] == f"asc: warning: {silent}: the recording is silent (digital silence); its gate pattern reflects no sound"
+    assert err[1].startswith(f"asc: error: {broken}:")
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     # nothing usable: every bad recording gets its line, then one line says none was usable
@@ -333,8 +339,8 @@ def test_personalize_errors_are_one_line(ppp_run: Path, enrolment: list[Path], t
     err = capsys.readouterr().err.strip().splitlines()
     assert sorted(line.removeprefix("asc: error: ").split(":")[0] for line in err[:3]) == sorted(
         [str(broken), str(empty), str(tmp_path / "nowhere.wav")])
-    assert err[3:] == ["asc: error: --enrol: none of the 3 recordings is usable (each is named above); give WAV "
-                       "files of the user's or device's audio"] and not (tmp_path / "none").exists()
+    assert err[3:] == [("asc: error: --enrol: none of the 3 recordings is usable (each is named above); give WAV "
+                        "files of the user's or device's audio")] and not (tmp_path / "none").exists()
     cases = {"not-a-bundle": [str(tmp_path), "--enrol", str(enrolment[0])]}
     plain, corrupt = tmp_path / "plain", tmp_path / "corrupt-bundle"
     shutil.copytree(bundle, plain)

@@ -46,6 +46,8 @@ def _personalize(args: argparse.Namespace) -> int:
             print(f"asc: error: {failure}", file=sys.stderr)
         raise
     print(result.summary())
+    for warning in result.warnings:
+        print(f"asc: warning: {warning}", file=sys.stderr)
     for failure in result.failures:
         print(f"asc: error: {failure}", file=sys.stderr)
     return EXIT_SOME_FAILED if result.failures else EXIT_OK
