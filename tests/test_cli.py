@@ -64,6 +64,14 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path: Path, capsys
                                                "classify with a bundle from `asc export`")
 
 
+def test_a_missing_impulse_response_folder_names_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["data", "synth", str(tmp_path / "corpus"), "--preset", "tiny", "--quiet", "--ir-dir",
+                 str(tmp_path / "irs")]) == 2
+    assert capsys.readouterr().err.strip() == (f"asc: error: {tmp_path / 'irs'}: no such folder; point the "
+                                               "impulse-response folder (--ir-dir, ir_dir=) at a folder of IR files, "
+                                               "or leave it out for simulated devices only")
+
+
 @pytest.mark.parametrize("option", ["--repeats", "--threads"])
 def test_bench_counts_below_one_are_usage_errors(option: str, capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit) as stop:

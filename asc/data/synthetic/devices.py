@@ -153,11 +153,9 @@ def _assign_impulse_responses(
 ) -> dict[str, tuple[str, np.ndarray]]:
     files = sorted(p for p in Path(ir_dir).glob("*") if p.suffix.lower() in (".wav", ".flac"))
     if not files:
-        raise DatasetError(
-            ir_dir,
-            "no .wav or .flac impulse responses found",
-            "point ir_dir at a folder of IR files or set it to None",
-        )
+        problem = "no such folder" if not Path(ir_dir).is_dir() else "no .wav or .flac impulse responses found"
+        raise DatasetError(ir_dir, problem, "point the impulse-response folder (--ir-dir, ir_dir=) at a folder of "
+                           "IR files, or leave it out for simulated devices only")
     rng = stream_rng(seed, Stream.IMPULSE_RESPONSE)
     order = rng.permutation(len(files))
     chosen = {name: files[order[i % len(files)]] for i, name in enumerate(ir_devices)}
