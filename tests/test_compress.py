@@ -61,6 +61,23 @@ def pqk_in_phase2() -> SimpleNamespace:
     return SimpleNamespace(pqk=pqk, model=model, float_model=float_model, trainer=trainer, x=x, y=y)
 
 
+@pytest.mark.parametrize(("epochs", "fraction"), [(5, 0.5), (10, 0.45)])
+def test_pqk_masks_are_final_when_the_self_teacher_starts(epochs: int, fraction: float) -> None:
+    """prune_end = phase2, yet epochs round half to even (2.5 -> 2) apart from steps (10 of 20)."""
+    options = PQKOptions(sparsity=0.5, prune_end=fraction, phase2=fraction, freeze_bn_epochs=0,
+                         freeze_observer_epochs=0)
+    pqk = PQK(options, StageContext(Path("unused"), SHAPE, epochs))
+    pqk.wrap_model(BCResNetMod(width=8, num_classes=4))
+    steps = 4
+    pqk.pruning.setup(SimpleNamespace(steps_per_epoch=steps, step=0,
+                                      config=SimpleNamespace(train=SimpleNamespace(epochs=epochs))))
+    teacher = phase_starts(pqk.phases(), epochs)[1] * steps
+    assert round(fraction * epochs * steps) > teacher  # the fraction alone ends the ramp after the teacher starts
+    schedule = pqk.pruning.schedule
+    assert schedule is not None and schedule.end_step == teacher and schedule.refreshes(teacher)
+    assert not any(schedule.refreshes(step) for step in range(teacher + 1, epochs * steps))
+
+
 def gradients_of(setup: SimpleNamespace, which: str) -> None:
     setup.model.train()
     setup.model.zero_grad(set_to_none=True)

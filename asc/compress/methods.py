@@ -8,8 +8,8 @@ structured variant; ``prune`` + ``qat`` gives prune-and-quantize without distill
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,17 +101,23 @@ class PruneMethod(MagnitudePruning, Method):
     name = "prune"
     jobs = frozenset({Job.MASKS})
 
-    def __init__(self, options: PruneOptions, *, keep_pruned_values: bool = False) -> None:
+    def __init__(self, options: PruneOptions, *, keep_pruned_values: bool = False,
+                 last_step: Callable[[Trainer], int] | None = None) -> None:
+        """``last_step``: the latest step the ramp may end at, for a method that needs final masks by then."""
         scope: Scope = "global" if options.scope == "global" else "layer"
         super().__init__(selection=options.selection, scope=scope, keep_pruned_values=keep_pruned_values)
         self.options = options
+        self.last_step = last_step
 
     @classmethod
     def build(cls, options: Mapping[str, Any], context: StageContext) -> PruneMethod:
         return cls(parse_options(PruneOptions, options, cls.name))
 
     def setup(self, trainer: Trainer) -> None:
-        self.schedule = self.options.schedule(total_steps(trainer))
+        schedule = self.options.schedule(total_steps(trainer))
+        if self.last_step is not None and schedule.end_step > self.last_step(trainer):
+            schedule = replace(schedule, end_step=self.last_step(trainer))
+        self.schedule = schedule
         super().setup(trainer)
 
     def settings(self) -> dict[str, Any]:

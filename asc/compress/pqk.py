@@ -35,7 +35,7 @@ from asc.compress.kd import Distillation, SelfTeacher
 from asc.compress.methods import PruneMethod, PruneOptions, QATMethod
 from asc.compress.quant import QATConfig
 from asc.errors import ConfigError
-from asc.train.hooks import Auxiliary, Phase
+from asc.train.hooks import Auxiliary, Phase, phase_starts
 
 if TYPE_CHECKING:
     from asc.train.loop import Trainer
@@ -74,7 +74,8 @@ class PQK(Method):
     def __init__(self, options: PQKOptions, context: StageContext) -> None:
         self.options = options
         self.pruning = PruneMethod(PruneOptions(sparsity=options.sparsity, scope=options.scope, end=options.prune_end,
-                                                every=options.every), keep_pruned_values=True)
+                                                every=options.every), keep_pruned_values=True,
+                                   last_step=self.teacher_step)
         self.qat = QATMethod(context.input_shape, QATConfig(freeze_bn_epochs=options.freeze_bn_epochs,
                                                             freeze_observer_epochs=options.freeze_observer_epochs))
         self.distillation = Distillation(SelfTeacher(self.teacher_logits), temperature=options.temperature,
@@ -142,6 +143,11 @@ class PQK(Method):
     def setup(self, trainer: Trainer) -> None:
         self.qat.setup(trainer)
         self.pruning.setup(trainer)
+
+    def teacher_step(self, trainer: Trainer) -> int:
+        """The self-teacher's first step. prune_end <= phase2 holds as fractions, but steps and epochs
+        round apart (5 epochs at 0.5: step 10 of 20 against epoch 2), so the ramp is also capped here."""
+        return phase_starts(self.phases(), trainer.config.train.epochs)[1] * trainer.steps_per_epoch
 
     def on_phase_start(self, trainer: Trainer, phase: Phase) -> None:
         self.teaching = phase.name == PHASE2
