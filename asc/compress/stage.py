@@ -121,6 +121,18 @@ def _check_source(source: Path) -> None:
                        "train it with `asc train` first")
 
 
+def _check_model_kept(source: Path, config: RunConfig, run_overrides: Sequence[str]) -> None:
+    """Refuse overrides that change the source's model or features: the compressed run keeps both
+    (a width would be ignored, other mels would fine-tune the model on features it was not built for)."""
+    trained = load_config(RunConfig, source / "config.yaml")
+    if (config.model, config.features) == (trained.model, trained.features):
+        return
+    changed = next(item for item in run_overrides if item.partition(".")[0] in ("model", "features")
+                   and load_config(RunConfig, source / "config.yaml", overrides=[item]) != trained)
+    raise ConfigError(f"override '{changed}' cannot apply: a compressed run keeps the model and features of "
+                      f"{source}; train a run with it, then compress that run")
+
+
 def _plan(source: Path, methods: Sequence[Method], overrides: Sequence[str]) -> dict[str, Any]:
     return {"source": str(source), "methods": [{"name": m.name, "settings": m.settings()} for m in methods],
             "overrides": list(overrides)}
@@ -142,11 +154,8 @@ def compress_run(source: Path, out: Path, methods: Sequence[str], overrides: Seq
     if out.resolve() == source.resolve():
         raise ConfigError(f"{out}: the compressed run needs its own folder; choose another --out")
     run_overrides, options = split_overrides(overrides, methods)
-    fixed = [item for item in run_overrides if item.partition(".")[0] in ("model", "features")]
-    if fixed:
-        raise ConfigError(f"override '{fixed[0]}' cannot apply: a compressed run keeps the model and features of "
-                          f"{source}; train a run with it, then compress that run")
     config = load_config(RunConfig, source / "config.yaml", overrides=run_overrides)
+    _check_model_kept(source, config, run_overrides)
     checkpoint = trainable_checkpoint(source)  # an already compressed run: its float twin
     meta = load_checkpoint(checkpoint_file(source, checkpoint))
     features = FeatureConfig.from_dict(meta["features"])
