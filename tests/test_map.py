@@ -21,7 +21,8 @@ from asc.compress.map import (
     magnitude_attention,
 )
 from asc.compress.prune import MASK, LayerSelection, sparsity_report
-from asc.compress.stage import build_methods, compress_run
+from asc.compress.qkd import QKD, QKDOptions
+from asc.compress.stage import build_methods, compose, compress_run, float_twin
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
 from asc.features import FeatureConfig
@@ -30,7 +31,7 @@ from asc.run_files import FINALIZED_NAME
 from asc.train.checkpoint import load_checkpoint
 from asc.train.evaluate import evaluate_run, load_run_model
 from asc.train.hooks import phase_starts
-from asc.train.loop import parameter_digest, train_or_resume
+from asc.train.loop import Trainer, parameter_digest, train_or_resume
 
 SHAPE = (1, 32, 40)
 
@@ -176,6 +177,38 @@ def test_finalize_folds_the_attention_and_equals_the_evaluation_forward():
     assert MASK in dict(model.get_submodule(next(iter(method.layers))).named_buffers())  # training model untouched
     twin = method.unwrap(model)  # the stage's float twin carries the folded weights too
     assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), final.state_dict().values()))
+
+
+def test_float_twin_with_qkd_holds_the_finalized_weights_attention_included():
+    """QKD's unwrap hands MAP a folded copy: the twin (the int8 export's source) must still be Q(W · a · m)."""
+    torch.manual_seed(0)
+    model = BCResNetMod(width=8, num_classes=4, dropout=0.0)
+    methods = [MAP(MAPOptions(sparsity=0.6, exploration=0.5, ramp=0.0)),
+               QKD(QKDOptions(bits=4), BCResNetMod(width=8, num_classes=4, dropout=0.0))]
+    assert [type(method) for method in methods] == compose(["qkd", "map"])  # the stage's pipeline order
+    for method in methods:
+        model = method.wrap_model(model)
+    stub = stub_trainer()
+    stub.model, stub.hooks = model, methods
+    methods[0].setup(stub)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(8, *SHAPE), torch.arange(8) % 4
+    for _ in range(2):  # the first step initializes the activation quantizers
+        optimizer.zero_grad()
+        F.cross_entropy(methods[0].forward(stub, model, x)["logits"], y).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        twin = float_twin(stub, methods)
+        final = Trainer.finalized_model(stub)
+        for name in methods[0].layers:
+            torch.testing.assert_close(twin.get_submodule(name).weight, final.get_submodule(name).weight,
+                                       rtol=0, atol=0)
+        for module in final.modules():  # the twin is the float network: compare without activation quant
+            if hasattr(module, "input_quant"):
+                module.input_quant = nn.Identity()
+        x_test = torch.randn(6, *SHAPE)
+        torch.testing.assert_close(twin(x_test), final(x_test), rtol=0, atol=1e-5)
 
 
 def test_map_owns_its_masks_and_names_bad_options():

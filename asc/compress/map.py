@@ -26,7 +26,8 @@ as the QAT graph works), the stored weights stay the raw ``W``.
 
 Finalize folds the attention: each weight becomes ``W · a · m`` (exact zeros where pruned) and
 the mask buffers are dropped, so the deployed module is an ordinary sparse network whose forward
-equals the evaluation forward of the training model.
+equals the evaluation forward of the training model. The stage's float twin (``unwrap``) finds the
+layers by name instead: a later method may unwrap to a copy (QKD folds its fake-quant into one).
 """
 
 from __future__ import annotations
@@ -207,9 +208,21 @@ class MAP(Method):
         return self._folded(model)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        # The stage's float twin multiplies plain masks in; MAP's deployed weights also carry the
-        # attention, so the twin must come from the folded copy (it does not share the weights).
-        return self._folded(model)
+        """A copy of ``model`` (the stage's float twin) with the deployed weights of MAP's layers.
+
+        The twin must carry the attention, not just the plain masks the stage multiplies in. A later
+        method's unwrap may hand over a copy whose weights it already transformed (QKD's holds the
+        fake-quantized ``Q(W)``), so the layers are found by name and their weights recomputed from
+        the training layers: ``W · a · m`` through the layer's own weight quantizer where it has one,
+        the ``Q(W · a · m)`` of the finalized module (MAP's fold comes before QKD's there).
+        """
+        with torch.no_grad():
+            twin = copy.deepcopy(model)
+            for name, layer in self.layers.items():
+                folded = effective_weight(layer.weight, layer.get_buffer(MASK), straight_through=False)
+                quantizer = getattr(layer, "weight_quant", None)
+                twin.get_submodule(name).weight.copy_(folded if quantizer is None else quantizer(folded))
+        return materialize_masks(twin)
 
     def state_dict(self) -> dict[str, Any]:
         return {"pruning": self.pruning.state_dict()}
