@@ -1,5 +1,6 @@
 """FFL (methods.md §9): cutting networks at taps, gradient routing of the mutual terms, the ramp-up,
-deploying a branch or the fused network, composition, an exact resume, DDP and the command line."""
+deploying a branch or the fused network, composition (with PPP's gates), an exact resume, DDP and the
+command line."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from asc.compress.ffl import (
     rampup_weight,
     split_network,
 )
+from asc.compress.ppp import PPP, ChannelGate
 from asc.compress.stage import compress_run
 from asc.config import RunConfig, load_config
 from asc.errors import ConfigError
@@ -92,6 +94,7 @@ def wrapped(cut: str | None, **options) -> tuple[FFL, torch.nn.Module]:
 
 def test_branches_are_copies_fresh_copies_or_separate_networks_of_other_widths():
     ffl, student = wrapped("stage3")
+    assert ffl.settings()["init"] == "copy"  # init=auto copies the student ...
     piece = ffl.branches.module.pieces[0]
     assert sorted({key.split(".")[0] for key in piece.state_dict()}) == ["classifier", "stages"]  # stage4 only
     for key, value in piece.state_dict().items():  # init=copy: the student's trained weights, not shared
@@ -102,6 +105,7 @@ def test_branches_are_copies_fresh_copies_or_separate_networks_of_other_widths()
     assert not torch.equal(fresh[0][key], student.state_dict()[key])
     assert torch.equal(fresh[0][key], fresh[1][key]) and not torch.equal(fresh[0][key], fresh[2][key])
     ffl, student = wrapped(None, split="input", widths=[12, 4], branches=3)
+    assert ffl.settings()["init"] == "fresh"  # ... but another width has nothing to copy
     pieces = ffl.branches.module.pieces
     assert [p.get_submodule("head.0").out_channels for p in pieces] == [24, 8]  # whole networks of widths 12 and 4
     assert ffl.fusion.module.depthwise.in_channels == 20 + 30 + 10  # 2.5 c channels of each branch's stage4
@@ -111,10 +115,30 @@ def test_branches_are_copies_fresh_copies_or_separate_networks_of_other_widths()
 @pytest.mark.parametrize(("options", "match"), [
     ({"branches": 1}, "ffl.branches"), ({"widths": [8]}, "ffl.widths needs ffl.split=input"),
     ({"split": "input", "widths": [8, 8]}, "ffl.widths must list 1"), ({"deploy": 2}, "ffl.deploy"),
-    ({"init": "random"}, "ffl.init"), ({"rampup": -1}, "ffl.rampup"), ({"temperature": 0}, "temperature")])
+    ({"init": "random"}, "ffl.init"), ({"split": "input", "widths": [8], "init": "copy"},
+                                        "ffl.init=copy cannot apply with ffl.widths.*set ffl.init=fresh"),
+    ({"rampup": -1}, "ffl.rampup"), ({"temperature": 0}, "temperature")])
 def test_options_are_checked(options: dict, match: str):
     with pytest.raises(ConfigError, match=match):
         FFLOptions(**options)
+
+
+def test_branch_copies_of_a_gated_student_record_nothing():
+    """PPP's gates append their masks to a list PPP empties each step; a copy's gates would append to a
+    list of their own that nobody empties, keeping every step's masks and graphs (PPP composed with FFL)."""
+    torch.manual_seed(0)
+    ppp = PPP.build({}, StageContext(Path("."), SHAPE, 2))
+    student = ppp.wrap_model(build_model("bcresnet_mod", 4, width=8))
+    ffl = FFL(FFLOptions(), split="stage3", fuse="stage4", context=StageContext(Path("."), SHAPE, 2), spec={})
+    ffl.wrap_model(student)
+    branches = ffl.branches.module
+    assert sum(isinstance(layer, ChannelGate) for layer in branches.modules()) == 3  # one in each of stage4's blocks
+    x = torch.randn(2, *SHAPE)
+    for _ in range(5):  # the training steps: the student, then the branch on the student's stem
+        student(x)
+        branches(ffl.stem(x))
+        assert ppp.step_masks().shape == (2, ppp.channels)  # PPP still reads the student's masks
+    assert [t for layer in branches.modules() for v in vars(layer).values() if isinstance(v, list) for t in v] == []
 
 
 # ------------------------------------------------------------------------------ the stage on tiny runs

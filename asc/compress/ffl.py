@@ -155,6 +155,20 @@ def graft(whole: nn.Module, piece: nn.Module) -> nn.Module:
     return grafted
 
 
+def without_recorders(module: nn.Module) -> nn.Module:
+    """``module`` with every list attribute of its layers set to None (in place), so nothing records.
+
+    Such a list collects values of a forward for whoever set it (PPP's gates append their masks to
+    one that PPP empties each step); in a copy it is a new list that nobody empties, which would keep
+    every step's tensors and graphs alive. The models themselves hold no list attributes.
+    """
+    for layer in module.modules():
+        for key, value in list(vars(layer).items()):
+            if not key.startswith("_") and isinstance(value, list):
+                setattr(layer, key, None)
+    return module
+
+
 @torch.no_grad()
 def reinitialize(module: nn.Module, seed: int) -> nn.Module:
     """PyTorch's default initialisation for every layer that can reset itself, drawn from ``seed``.
@@ -240,7 +254,9 @@ class FFLOptions:
     split: str = "auto"  #: tap after which the branches part ("auto": the one before ``fuse``; "input": separate nets)
     fuse: str = "auto"  #: tap whose feature maps are fused ("auto": the model's last named stage)
     widths: list[int | float] | None = None  #: model widths of branches 1..K-1, separate networks (needs split=input)
-    init: str = "copy"  #: branches 1..K-1 start from the student's trained weights ("copy") or fresh ("fresh")
+    #: branches 1..K-1 start from the student's trained weights ("copy") or fresh ("fresh"); "auto": copy,
+    #: but fresh with ``widths`` (another width has no trained weights to copy, so copy is refused there)
+    init: str = "auto"
     seed: int = 0  #: seed of fresh branch weights
     temperature: float = 3.0
     rampup: int | None = None  #: R in epochs (None: 80, or 80/300 of a shorter run)
@@ -254,8 +270,8 @@ class FFLOptions:
     def __post_init__(self) -> None:
         if isinstance(self.branches, bool) or self.branches < 2:
             raise ConfigError(f"ffl.branches must be a whole number >= 2, got {self.branches!r}")
-        if self.init not in ("copy", "fresh"):
-            raise ConfigError(f"ffl.init must be copy or fresh, got {self.init!r}")
+        if self.init not in ("auto", "copy", "fresh"):
+            raise ConfigError(f"ffl.init must be auto, copy or fresh, got {self.init!r}")
         if self.widths is not None:
             if self.split != INPUT:
                 raise ConfigError("ffl.widths needs ffl.split=input: copied stages must take the shared stem's "
@@ -263,6 +279,11 @@ class FFLOptions:
             if len(self.widths) != self.branches - 1 or any(w <= 0 for w in self.widths):
                 raise ConfigError(f"ffl.widths must list {self.branches - 1} positive widths (branches 1.."
                                   f"{self.branches - 1}), got {self.widths!r}")
+            if self.init == "copy":
+                raise ConfigError("ffl.init=copy cannot apply with ffl.widths: branches of another width have no "
+                                  "trained weights to copy; set ffl.init=fresh (or leave it auto)")
+        if self.init == "auto":
+            self.init = "copy" if self.widths is None else "fresh"
         if self.rampup is not None and self.rampup < 0:
             raise ConfigError(f"ffl.rampup must be >= 0 epochs, got {self.rampup!r}")
         for key in ("lr", "fusion_lr"):
@@ -342,7 +363,7 @@ class FFL(Method):
         """Branch ``index`` (≥ 1) as a whole network: a copy of the student, or its architecture at another width."""
         options = self.options
         if options.widths is None:
-            net = materialize_masks(copy.deepcopy(student))  # a copy carries no pruning masks
+            net = without_recorders(materialize_masks(copy.deepcopy(student)))  # no masks, records nothing
             return reinitialize(net, options.seed + index) if options.init == "fresh" else net
         try:
             with torch.random.fork_rng(devices=[]):  # the model's own initialisation, drawn from the seed

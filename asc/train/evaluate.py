@@ -86,8 +86,9 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", device: str | torch.
             model = build()
             model.load_state_dict(state["model"])
     except (RuntimeError, AscError) as error:
-        raise AscError(f"{path}: weights do not fit model '{spec['name']}' ({str(error).splitlines()[0]}); "
-                       "the checkpoint was written by an incompatible asc version") from None
+        raise AscError(f"{path}: weights do not fit model '{spec['name']}' ({str(error).splitlines()[0]}); the "
+                       "checkpoint holds another architecture (e.g. FFL's fused network) or was written by an "
+                       "incompatible asc version") from None
     return model.to(device).eval(), state
 
 
