@@ -11,6 +11,7 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
+from compress_resume import assert_same_tensors, kill_and_resume
 from source_run import train_source_run
 from torch.fx import GraphModule
 
@@ -18,6 +19,7 @@ from asc.bench import cpu_line
 from asc.cli import main
 from asc.complexity import run_complexity
 from asc.compress.base import StageContext
+from asc.compress.grid import GRID_NAME
 from asc.compress.pqk import PQK, PQKOptions
 from asc.compress.prune import LayerSelection
 from asc.compress.psg import PSG, PSGOptions
@@ -324,6 +326,21 @@ def test_psg_scales_each_gradient_by_its_distance_to_the_grid():
     restored = PSG(PSGOptions(bits=4))
     restored.load_state_dict(psg.state_dict())
     assert torch.equal(restored.ranges[name], psg.ranges[name])
+
+
+@pytest.mark.slow
+def test_psg_killed_mid_scaling_resumes_to_the_same_weights_ranges_and_grid(trained_run: Path, monkeypatch):
+    """Phases: float = epoch 0, psg = epochs 1-2; the stop comes after epoch 2 of 3 (mid psg)."""
+    overrides = ["train.epochs=3", "optim.lr=0.01", "psg.bits=4", "psg.start=0.34"]
+    run = kill_and_resume(trained_run, ["psg"], overrides, 2, monkeypatch, "psg")
+    a, b = run.straight_state, run.resumed_state
+    assert_same_tensors(a["model"], b["model"])
+    assert a["hooks"][0]["ranges"] and a["hooks"][0]["ranges"].keys() == b["hooks"][0]["ranges"].keys()
+    assert_same_tensors(a["hooks"][0]["ranges"], b["hooks"][0]["ranges"])  # the moving averages shape the gradients
+    assert [h["phases"]["psg"] for h in b["history"]] == ["float", "psg", "psg"]
+    assert [h["losses"] for h in b["history"]] == [h["losses"] for h in a["history"]]
+    grids = [json.loads((path / GRID_NAME).read_text()) for path in (run.straight, run.stopped)]
+    assert grids[0] == grids[1]  # the shipped int8 grid, from the final ranges
 
 
 def test_psg_is_refused_beside_another_quantizer():
