@@ -282,18 +282,19 @@ def test_low_bit_widths_report_their_size_and_have_no_int8_grid_export(runs, tmp
 # ------------------------------------------------------------------------------ resume
 
 
-RESUME_RUN = ["train.epochs=2", "optim.lr=0.01", "qkd.self_study=0", "qkd.co_study=1", "qkd.teacher_lr=0.02"]
+RESUME_RUN = ["train.epochs=3", "optim.lr=0.01", "qkd.self_study=0.34", "qkd.co_study=0.33", "qkd.teacher_lr=0.02"]
 
 
 @pytest.mark.slow
-def test_qkd_killed_mid_co_study_resumes_to_the_same_weights(runs, monkeypatch):
-    """Both epochs in co-study (student, steps, teacher and its optimizer all move); the stop comes after epoch 1."""
+def test_qkd_killed_after_co_study_resumes_into_tutoring_to_the_same_weights(runs, monkeypatch):
+    """One epoch per phase; the stop comes after the co-study epoch (student, steps, teacher and its
+    optimizer all moved), so the resumed run enters tutoring, with the teacher frozen, from the checkpoint."""
     student, teacher = runs
-    run = kill_and_resume(student, ["qkd"], [f"qkd.teacher={teacher}", *RESUME_RUN], 1, monkeypatch, "qkd")
+    run = kill_and_resume(student, ["qkd"], [f"qkd.teacher={teacher}", *RESUME_RUN], 2, monkeypatch, "qkd")
     a, b = run.straight_state, run.resumed_state
     for key in ("model", "auxiliaries"):
         assert_same_tensors(a[key], b[key])
-    assert [h["phases"]["qkd"] for h in b["history"]] == ["co-study", "co-study"]
+    assert [h["phases"]["qkd"] for h in b["history"]] == ["self-study", "co-study", "tutor"]
     assert [h["losses"] for h in b["history"]] == [h["losses"] for h in a["history"]]
     report_a, report_b = run.reports()
     assert report_a["accuracy"] == report_b["accuracy"]
