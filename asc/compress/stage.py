@@ -127,8 +127,9 @@ def _check_model_kept(source: Path, config: RunConfig, run_overrides: Sequence[s
     trained = load_config(RunConfig, source / "config.yaml")
     if (config.model, config.features) == (trained.model, trained.features):
         return
-    changed = next(item for item in run_overrides if item.partition(".")[0] in ("model", "features")
-                   and load_config(RunConfig, source / "config.yaml", overrides=[item]) != trained)
+    fixed = [item for item in run_overrides if item.partition(".")[0] in ("model", "features")]
+    alone = {item: load_config(RunConfig, source / "config.yaml", overrides=[item]) for item in fixed}
+    changed = next((item for item in fixed if alone[item] != trained), fixed[0])
     raise ConfigError(f"override '{changed}' cannot apply: a compressed run keeps the model and features of "
                       f"{source}; train a run with it, then compress that run")
 
@@ -220,7 +221,8 @@ def _finalize(trainer: Trainer, methods: Sequence[Method], context: StageContext
     simulated = trainer.history[-1] if trainer.history else {}
     write_report(out, metrics, history=trainer.history, config=trainer.config, title="Compressed model",
                  extra={"split": trainer.config.data.eval_split, "checkpoint": "finalized",
-                        "compression": read_yaml(out / COMPRESS_PLAN_NAME), "precision": "int8" if quantized else "fp32",
+                        "compression": read_yaml(out / COMPRESS_PLAN_NAME),
+                        "precision": "int8" if quantized else "fp32",
                         "simulated_accuracy": simulated.get("accuracy"), **trainer.replicas,
                         "complexity": {"params": counts.params, "nonzero_params": counts.nonzero_params,
                                        "bytes": counts.bytes, "nonzero_bytes": counts.nonzero_bytes,
