@@ -242,7 +242,7 @@ def combine_bundles(general_dir: str | Path, device_dirs: Mapping[str, str | Pat
     path; the folder then appears whole (:func:`atomic_dir`) or not at all.
     """
     # imported here: the runtime imports this module. Opening a Classifier checks the graph's I/O.
-    from asc.runtime import Classifier
+    from asc.runtime import Classifier, open_session, session_options
 
     general_dir, out_dir = Path(general_dir), Path(out_dir)
     if not device_dirs:
@@ -254,6 +254,8 @@ def combine_bundles(general_dir: str | Path, device_dirs: Mapping[str, str | Pat
         if source.resolve() == out_dir.resolve():
             raise AscError(f"{out_dir}: is the {name} input bundle and would be replaced; choose another --out")
     manifests = {name: Classifier(source).manifest for name, source in sources.items()}  # each graph loads
+    for name, manifest in manifests.items():  # the ONNX file too: a loadable model.ort is preferred over it
+        open_session(manifest.model_path(sources[name]), session_options(1))
     general = manifests[GENERAL_MODEL]
     for name, manifest in manifests.items():
         if manifest.device_models:

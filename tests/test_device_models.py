@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from asc.bundle_manifest import GENERAL_MODEL, BundleManifest, combine_bundles
 from asc.classify import classify_paths, file_device, format_results
 from asc.cli import main
 from asc.errors import AscError
+from asc.export.onnx import convert_to_ort
 from asc.feature_spec import FeatureConfig
 from asc.runtime import Classifier
 
@@ -174,6 +177,15 @@ def test_other_bad_combinations_are_refused(sources: dict[str, Path], combined: 
         with pytest.raises(AscError, match=None) as error:
             combine_bundles(general, devices, out)
         assert expected in str(error.value) and "\n" not in str(error.value), devices
+    hidden = tmp_path / "hidden"  # a broken model.onnx behind a loadable model.ort would ship unnoticed
+    shutil.copytree(sources["a"], hidden)
+    manifest = BundleManifest.read(hidden)
+    ort_file = convert_to_ort(hidden / manifest.model_file, hidden).model.name
+    (hidden / "bundle.json").write_text(replace(manifest, ort_file=ort_file).to_json())
+    (hidden / manifest.model_file).write_bytes(b"\x08\x07 not a model")
+    with pytest.raises(AscError, match=f"{hidden / 'model.onnx'}: onnxruntime cannot load the model"):
+        combine_bundles(general, {"a": hidden}, tmp_path / "o6")
+    assert not (tmp_path / "o6").exists()
 
 
 # ---------------------------------------------------------------- the command line
