@@ -115,8 +115,8 @@ class PruneMethod(MagnitudePruning, Method):
 
     def setup(self, trainer: Trainer) -> None:
         schedule = self.options.schedule(total_steps(trainer))
-        if self.last_step is not None and schedule.end_step > self.last_step(trainer):
-            schedule = replace(schedule, end_step=self.last_step(trainer))
+        if self.last_step is not None:
+            schedule = replace(schedule, end_step=min(schedule.end_step, self.last_step(trainer)))
         self.schedule = schedule
         super().setup(trainer)
 
